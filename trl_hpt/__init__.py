@@ -21,7 +21,7 @@ _LAZY = {
     "per_token_policy_loss": "trl_hpt.estimator",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["HPTConfig", "HPTTrainer", "PRESETS", "EstimatorSpec", "__version__", "per_token_policy_loss"]
 
 if TYPE_CHECKING:
     from trl_hpt.config import HPTConfig

@@ -1,0 +1,325 @@
+"""The unified estimator against closed forms (DESIGN 1.1), in float64, with padding and ratios far from 1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trl_hpt.estimator import (
+    PRESETS,
+    EstimatorSpec,
+    aggregate_loss,
+    compute_advantages,
+    get_preset,
+    group_advantages,
+    hybrid_loss,
+    loss_type_denominator,
+    mixed_group_advantages,
+    mixed_per_token_loss,
+    online_spec_from_grpo_config,
+    per_token_policy_loss,
+    sign_advantages,
+    token_mean_loss,
+)
+
+
+B, T, V = 6, 7, 11
+
+
+def make_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    logits.requires_grad_(True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # old log-probs far from the current ones: ratios spread over roughly [0.2, 5] so both clip sides trigger.
+    old = lp.detach() + torch.empty(B, T, dtype=torch.float64).uniform_(-1.6, 1.6, generator=g)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([7, 5, 3, 6, 1, 4])
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    token_w = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    return logits, tokens, lp, old, adv, mask, token_w
+
+
+def closed_form(spec, lp, old, adv, mask):
+    """(value, dL/dlp) per token, written from the formulas of DESIGN 1.1 rather than from the implementation."""
+    lp = lp.detach()
+    p = lp.exp()
+    A = torch.ones(B, 1, dtype=lp.dtype) if spec.advantage == "one" else adv.unsqueeze(1)
+    A = A.expand(B, T)
+    m = mask.double()
+    if spec.reference == "current" and spec.shaping_gamma is None:
+        value, coef = -A * lp, -A
+    elif spec.reference == "current":
+        g = spec.shaping_gamma
+        value, coef = -A * (p / (p + g)) / p, -A * g / (p + g) ** 2
+    elif spec.reference == "one" and spec.shaping_gamma is None:
+        value, coef = -A * p, -A * p
+    elif spec.reference == "one":
+        g = spec.shaping_gamma
+        value, coef = -A * p / (p + g), -A * g * p / (p + g) ** 2
+    else:
+        if spec.reference == "sequence":
+            n = m.sum(-1, keepdim=True)
+            r = torch.exp(((lp - old) * m).sum(-1, keepdim=True) / n).expand(B, T)
+        else:
+            r = torch.exp(lp - old)
+        if spec.stabilization == "clip":
+            lo, hi = 1 - spec.epsilon_low, 1 + spec.epsilon_high
+            u = r if spec.delta is None else torch.clamp(r, max=spec.delta)
+            c = torch.clamp(r, lo, hi)
+            takes_unclipped = u * A <= c * A
+            value = -torch.minimum(u * A, c * A)
+            live_u = torch.ones_like(r) if spec.delta is None else (r < spec.delta).double()
+            live_c = ((r > lo) & (r < hi)).double()
+            coef = -A * r * torch.where(takes_unclipped, live_u, live_c)
+        elif spec.stabilization == "cispo":
+            w = torch.clamp(r, max=spec.epsilon_high)
+            value, coef = -w * A * lp, -w * A
+        else:
+            value, coef = -r * A, -r * A
+    if spec.token_weight == "p_one_minus_p":
+        value, coef = value * p * (1 - p), coef * p * (1 - p)
+    return value * m, coef * m
+
+
+def expected_logit_grad(spec, coef, token_w, logits, tokens, mask):
+    """d/dlogits of sum_t w_t L_t. Token-local specs: w_t c_t (onehot - softmax); GSPO spreads the row's weights."""
+    probs = torch.softmax(logits.detach(), -1)
+    dlp = F.one_hot(tokens, V).double() - probs
+    m = mask.double()
+    if spec.reference == "sequence":
+        # each token's loss depends on the row's mean log-ratio: d/dlp_t sum_s w_s L_s = c * mean-weight over the row
+        row_w = (token_w * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+        scale = coef * row_w
+    else:
+        scale = coef * token_w
+    return scale.unsqueeze(-1) * dlp * m.unsqueeze(-1)
+
+
+SPECS = [*PRESETS.values()]
+SPECS += [
+    PRESETS["grpo"].replace(name="grpo_delta", delta=1.5, epsilon_high=0.28),
+    PRESETS["grpo"].replace(name="grpo_sequence", reference="sequence", epsilon_low=0.05, epsilon_high=0.1),
+    PRESETS["cispo"].replace(name="cispo_tight", epsilon_high=1.3),
+    EstimatorSpec("is_reinforce", reference="rollout", stabilization="none"),
+    EstimatorSpec("shaped_current", reference="current", stabilization="none", advantage="reward", shaping_gamma=0.2),
+    EstimatorSpec("custom_offline", reference="one", stabilization="none", advantage="group_mixed", shaping_gamma=0.2),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_every_preset_matches_its_closed_form(spec):
+    logits, tokens, lp, old, adv, mask, token_w = make_batch(seed=hash(spec.name) % 1000)
+    loss = per_token_policy_loss(spec, lp, old, adv, mask)
+    value, coef = closed_form(spec, lp, old, adv, mask)
+    torch.testing.assert_close(loss.detach(), value, atol=1e-10, rtol=1e-10)
+    (grad,) = torch.autograd.grad((loss * token_w).sum(), logits)
+    torch.testing.assert_close(
+        grad, expected_logit_grad(spec, coef, token_w, logits, tokens, mask), atol=1e-10, rtol=0
+    )
+
+
+def test_clipping_is_exercised():
+    _, _, lp, old, adv, mask, _ = make_batch()
+    r = torch.exp(lp.detach() - old)[mask.bool()]
+    assert (r > 1.2).sum() > 5 and (r < 0.8).sum() > 5
+
+
+def test_sft_value_is_cross_entropy_and_gradient_matches():
+    logits, tokens, lp, _, _, mask, _ = make_batch(3)
+    loss = per_token_policy_loss(PRESETS["sft"], lp, None, None, mask)
+    sel = mask.bool()
+    ce_per_token = F.cross_entropy(logits[sel], tokens[sel], reduction="none")
+    torch.testing.assert_close(loss[sel], ce_per_token, atol=1e-12, rtol=0)
+    (ours,) = torch.autograd.grad(token_mean_loss(loss, mask), logits)
+    (ref,) = torch.autograd.grad(F.cross_entropy(logits[sel], tokens[sel]), logits)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
+def test_none_old_logps_is_on_policy():
+    _, _, lp, _, adv, mask, _ = make_batch(4)
+    spec = PRESETS["grpo"]
+    torch.testing.assert_close(
+        per_token_policy_loss(spec, lp, None, adv, mask), per_token_policy_loss(spec, lp, lp.detach(), adv, mask)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reference": "one", "stabilization": "clip"}, "needs reference='rollout'"),
+        ({"reference": "current", "stabilization": "cispo"}, "needs reference='rollout'"),
+        ({"reference": "rollout", "shaping_gamma": 0.1}, "shaping"),
+        ({"reference": "one", "stabilization": "none", "shaping_gamma": 0.0}, "shaping_gamma must be > 0"),
+        ({"reference": "bogus"}, "reference='bogus'"),
+        ({"advantage": "median"}, "advantage='median'"),
+        ({"stabilization": "clip", "epsilon_low": 1.5}, "epsilon_low"),
+        (
+            {"reference": "one", "stabilization": "none", "advantage": "group_mixed", "aggregation": "token_mean"},
+            "mixed",
+        ),
+    ],
+)
+def test_invalid_combinations_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EstimatorSpec(**kwargs)
+
+
+def test_user_built_spec_without_writing_a_loss():
+    spec = EstimatorSpec(reference="one", stabilization="none", advantage="group_mixed", shaping_gamma=0.2)
+    _, _, lp, _, adv, mask, _ = make_batch(5)
+    p = lp.detach().exp()
+    expected = -adv.unsqueeze(1) * p / (p + 0.2) * mask
+    torch.testing.assert_close(per_token_policy_loss(spec, lp, None, adv, mask).detach(), expected)
+
+
+def test_get_preset_lists_names():
+    with pytest.raises(ValueError, match="Available presets"):
+        get_preset("trpo")
+    assert {"sft", "reinforce", "grpo", "cispo", "gspo", "srft", "luffy", "chord_phi"} <= set(PRESETS)
+
+
+def test_online_spec_from_grpo_config():
+    from trl import GRPOConfig
+
+    args = GRPOConfig(
+        output_dir="unused",
+        loss_type="dapo",
+        epsilon=0.1,
+        epsilon_high=0.3,
+        delta=2.0,
+        importance_sampling_level="sequence",
+        scale_rewards="none",
+        report_to="none",
+        bf16=False,
+    )
+    spec = online_spec_from_grpo_config(args)
+    assert (spec.reference, spec.stabilization, spec.advantage) == ("sequence", "clip", "group_mean")
+    assert (spec.epsilon_low, spec.epsilon_high, spec.delta) == (0.1, 0.3, 2.0)
+    args.loss_type, args.importance_sampling_level, args.epsilon_high = "cispo", "token", 5.0
+    spec = online_spec_from_grpo_config(args)
+    assert (spec.stabilization, spec.epsilon_high, spec.delta, spec.reference) == ("cispo", 5.0, None, "rollout")
+    for bad in ("sapo", "vespo", "luspo"):
+        args.loss_type = bad
+        with pytest.raises(ValueError, match=f"loss_type='{bad}'"):
+            online_spec_from_grpo_config(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(rewards, 4, "group")
+    std = math.sqrt(1 / 3)  # Bessel-corrected std of [1, 0, 0, 1]
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    torch.testing.assert_close(adv[4:], torch.zeros(4))
+    torch.testing.assert_close(group_advantages(rewards, 4, "none")[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    batch_std = rewards.std()
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, "batch"),
+        (rewards - rewards.view(2, 4).mean(1).repeat_interleave(4)) / (batch_std + 1e-4),
+    )
+
+
+def test_nan_rewards_are_left_out_and_get_zero_advantage():
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    adv = group_advantages(rewards, 4, "none")
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, 0.0, -1 / 3, -1 / 3]))
+
+
+def test_mixed_group_includes_offline_row():
+    rewards = torch.tensor([0.0, 0.0, 0.0, 0.0])  # nobody solved it: GRPO has no signal
+    offline_mask = torch.tensor([False, False, False, True])
+    adv = mixed_group_advantages(rewards, torch.ones(4), offline_mask, 4, "none")
+    torch.testing.assert_close(adv, torch.tensor([-0.25, -0.25, -0.25, 0.75]))
+    spec = PRESETS["luffy"]
+    via_dispatch = compute_advantages(spec, rewards, 4, offline_rewards=torch.ones(4), offline_mask=offline_mask)
+    torch.testing.assert_close(via_dispatch, mixed_group_advantages(rewards, torch.ones(4), offline_mask, 4, "group"))
+
+
+def test_sign_advantages():
+    torch.testing.assert_close(
+        sign_advantages(torch.tensor([1.0, 0.5, float("nan"), 2.0])), torch.tensor([1.0, -1.0, -1.0, 1.0])
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+def test_aggregate_loss_hand_computed(loss_type):
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    kw = dict(
+        max_completion_length=5,
+        num_items_in_batch=8,
+        num_processes=2,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+    )
+    expected = {
+        "grpo": (2.0 + 4.0) / 2 / 2,
+        "bnpo": 10.0 / 4 / 2,
+        "dr_grpo": 10.0 / (2 * 5) / 2,
+        "dapo": 10.0 / (8 / 2 * 2 / 4),
+        "cispo": 10.0 / (8 / 2 * 2 / 4),
+    }[loss_type]
+    assert aggregate_loss(per_token, mask, loss_type, **kw).item() == pytest.approx(expected)
+
+
+def test_hybrid_loss_terms_and_skipping_rows():
+    """Aggregating a subset of rows with the full batch's denominators gives the full batch's loss and gradients."""
+    logits, tokens, lp, old, adv, mask, _ = make_batch(7)
+    offline = torch.tensor([False, False, True, False, False, True])
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 0.25], dtype=torch.float64)
+    online = ~offline
+    policy_den = loss_type_denominator("dapo", num_rows=4, num_tokens=0, num_items_in_batch=float(mask[online].sum()))
+    sft_den = float(mask[offline].sum())
+    kw = dict(
+        online_spec=PRESETS["grpo"],
+        offline_spec=PRESETS["sft"],
+        loss_type="dapo",
+        policy_denominator=policy_den,
+        token_mean_denominator=sft_den,
+        offline_coef=0.3,
+    )
+    full = hybrid_loss(lp, mask, offline=offline, weights=weights, advantages=adv, old_per_token_logps=old, **kw)
+    # by hand: policy term over online rows, SFT term over demonstration tokens
+    grpo = per_token_policy_loss(PRESETS["grpo"], lp, old, adv, mask)
+    sft = per_token_policy_loss(PRESETS["sft"], lp, None, None, mask)
+    by_hand = (grpo.sum(-1) * weights * online).sum() / policy_den + 0.3 * (
+        sft.sum(-1) * weights * offline
+    ).sum() / sft_den
+    torch.testing.assert_close(full.loss, by_hand)
+    (g_full,) = torch.autograd.grad(full.loss, logits)
+
+    keep = weights > 0
+    lp_kept = torch.log_softmax(logits[keep], -1).gather(-1, tokens[keep].unsqueeze(-1)).squeeze(-1)
+    part = hybrid_loss(
+        lp_kept,
+        mask[keep],
+        offline=offline[keep],
+        weights=weights[keep],
+        advantages=adv[keep],
+        old_per_token_logps=old[keep],
+        **kw,
+    )
+    (g_part,) = torch.autograd.grad(part.loss, logits)
+    torch.testing.assert_close(part.loss, full.loss, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_part, g_full, atol=1e-12, rtol=0)
+
+
+def test_mixed_per_token_loss_uses_each_rows_spec():
+    _, _, lp, old, adv, mask, _ = make_batch(8)
+    row_spec = torch.tensor([0, 1, 0, 1, 1, 0])
+    out = mixed_per_token_loss({0: PRESETS["cispo"], 1: PRESETS["luffy"]}, row_spec, lp, old, adv, mask)
+    a = per_token_policy_loss(PRESETS["cispo"], lp, old, adv, mask)
+    b = per_token_policy_loss(PRESETS["luffy"], lp, None, adv, mask)
+    torch.testing.assert_close(out, torch.where(row_spec.bool().unsqueeze(1), b, a))

@@ -1,0 +1,278 @@
+"""Per-prompt gating: weights, demonstration placement, row skipping and the metrics (DESIGN 2.2, 2.3)."""
+
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.conftest import dense_reward, tiny_model, train_args
+from trl_hpt import HPTTrainer
+from trl_hpt.demo import addition_rows
+
+
+G = 4
+
+
+def rollout_index_reward(correct_per_prompt):
+    """Marks the first k rollouts of each prompt correct, k = correct_per_prompt[prompt]: P = k / G exactly."""
+
+    def reward(prompts, completions, **kwargs):
+        return [1.0 if i % G < correct_per_prompt[p] else 0.0 for i, p in enumerate(prompts)]
+
+    return reward
+
+
+def make_trainer(tmp_path, tokenizer, rows, reward, **overrides):
+    args = train_args(tmp_path, per_device_train_batch_size=len(rows) * G, num_generations=G, **overrides)
+    return HPTTrainer(
+        model=tiny_model(tokenizer),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+
+
+def generation_batch(trainer):
+    """One generation batch as the trainer's dataloader yields it: every prompt repeated G times."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    return trainer._generate_and_score_completions([dict(r) for r in rows for _ in range(G)])
+
+
+PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
+
+
+@pytest.mark.parametrize("gate", [0.0, 0.5])
+def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokenizer, gate):
+    rows = addition_rows(PAIRS)
+    k = {"1+2=": 0, "3+4=": 1, "5+5=": 2, "2+7=": 4}
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), switch_gate=gate)
+    out = generation_batch(trainer)
+    accuracy = torch.tensor([k[r["prompt"]] / G for r in rows])
+    to_sft = accuracy <= gate
+    offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
+    # Exactly the gated prompts get their demonstration, in the last slot, with weight beta = 1.
+    assert offline[:, -1].tolist() == to_sft.tolist() and not offline[:, :-1].any()
+    assert weights[to_sft].tolist() == [[0.0, 0.0, 0.0, 1.0]] * int(to_sft.sum())
+    assert weights[~to_sft].tolist() == [[1.0] * G] * int((~to_sft).sum())
+    for row, demo in zip(
+        out["completion_ids"].view(len(rows), G, -1)[to_sft, -1], [r for r, s in zip(rows, to_sft) if s]
+    ):
+        expected = char_tokenizer(demo["completion"], add_special_tokens=False)["input_ids"] + [
+            char_tokenizer.eos_token_id
+        ]
+        assert (
+            row[: len(expected)].tolist() == expected and (row[len(expected) :] == char_tokenizer.pad_token_id).all()
+        )
+    metrics = trainer._metrics["train"]
+    assert metrics["hpt/sft_fraction"][-1] == pytest.approx(to_sft.float().mean().item())
+    assert metrics["hpt/rl_fraction"][-1] == pytest.approx(1 - to_sft.float().mean().item())
+    assert metrics["hpt/prompt_accuracy"][-1] == pytest.approx(accuracy.mean().item())
+    # global token count is recomputed over the rows the policy term sees (demonstration rows excluded for sft)
+    mask = out["completion_mask"][~out["hpt_offline"]]
+    assert out["num_items_in_batch"].item() == mask.sum().item()
+    assert out["hpt_token_mean_tokens"].item() == out["completion_mask"][out["hpt_offline"]].sum().item()
+
+
+@pytest.mark.parametrize(
+    "feedback, expected",
+    [
+        ("soft", lambda p: (1.0, 1.0)),
+        ("linear", lambda p: (p, 1 - p)),
+        ("rl", lambda p: (1.0, 0.0)),
+        ("sft", lambda p: (0.0, 1.0)),
+        (lambda p: (0.5 + p, 2.0 if p < 0.3 else 0.0), None),
+    ],
+    ids=["soft", "linear", "rl", "sft", "callable"],
+)
+def test_feedback_strategies_produce_their_weights(tmp_path, char_tokenizer, feedback, expected):
+    rows = addition_rows(PAIRS)
+    k = {"1+2=": 0, "3+4=": 1, "5+5=": 2, "2+7=": 4}
+    kwargs = {"feedback": feedback} if isinstance(feedback, str) else {}
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), **kwargs)
+    if callable(feedback):
+        trainer.feedback_fn, expected = feedback, feedback
+    out = generation_batch(trainer)
+    weights, offline = out["hpt_weight"].view(-1, G), out["hpt_offline"].view(-1, G)
+    for i, row in enumerate(rows):
+        alpha, beta = expected(k[row["prompt"]] / G)
+        assert offline[i, -1].item() == (beta > 0)
+        assert weights[i, -1].item() == pytest.approx(beta if beta > 0 else alpha)
+        assert weights[i, :-1].tolist() == pytest.approx([alpha] * (G - 1))
+
+
+@pytest.mark.parametrize("offline_loss", ["luffy", "srft", "chord_phi"])
+def test_offline_losses_train_end_to_end(tmp_path, char_tokenizer, offline_loss):
+    rows = addition_rows(PAIRS)
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, rows, dense_reward, feedback="soft", offline_loss=offline_loss, max_steps=2
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(trainer.model.parameters(), before))
+    assert trainer.state.log_history[0]["hpt/sft_fraction"] == 1.0
+
+
+def test_luffy_advantages_include_the_demonstration_in_the_group(tmp_path, char_tokenizer):
+    """A group nobody solves has no GRPO signal; with LUFFY the demonstration (reward 1) gives it one."""
+    rows = addition_rows(PAIRS)
+    k = {"1+2=": 0, "3+4=": 1, "5+5=": 2, "2+7=": 4}
+
+    def reward(prompts, completions, solution, **kwargs):
+        # demonstrations are scored with the same function: they are correct answers
+        return [
+            1.0 if str(c).strip() == s else (1.0 if i % G < k[p] else 0.0)
+            for i, (p, c, s) in enumerate(zip(prompts, completions, solution))
+        ]
+
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, rows, reward, feedback="soft", offline_loss="luffy", scale_rewards="none"
+    )
+    out = generation_batch(trainer)
+    adv = out["advantages"].view(-1, G)
+    # prompt 0: rollouts all wrong (unless one happens to be right), demo right -> [-.25, -.25, -.25, .75]
+    completions = out["completion_ids"].view(len(rows), G, -1)
+    for i, row in enumerate(rows):
+        texts = char_tokenizer.batch_decode(completions[i, :-1], skip_special_tokens=True)
+        rewards = torch.tensor(
+            [1.0 if t.strip() == row["solution"] or j < k[row["prompt"]] else 0.0 for j, t in enumerate(texts)] + [1.0]
+        )
+        torch.testing.assert_close(adv[i], rewards - rewards.mean())
+
+
+def test_zero_weight_rows_are_skipped_with_identical_loss_and_gradients(tmp_path, char_tokenizer):
+    rows = addition_rows(PAIRS)
+    k = {"1+2=": 0, "3+4=": 0, "5+5=": 2, "2+7=": 4}
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), loss_type="grpo")
+    trainer.model.train()
+    batch = generation_batch(trainer)
+    sizes = []
+    original = trainer._get_per_token_logps_and_entropies
+
+    def counting(model, input_ids, *args, **kwargs):
+        sizes.append(input_ids.size(0))
+        return original(model, input_ids, *args, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = counting
+
+    def loss_and_grads(skip):
+        trainer.model.zero_grad()
+        trainer._skip_zero_weight_rows = skip  # off: every row through the model, same weights
+        loss = trainer._compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+    loss_skip, grads_skip = loss_and_grads(skip=True)
+    loss_all, grads_all = loss_and_grads(skip=False)
+    assert sizes == [2 * 1 + 2 * G, 4 * G]  # two gated groups keep only their demonstration row
+    torch.testing.assert_close(loss_skip, loss_all, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads_skip, grads_all):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_rank_with_only_zero_weight_rows_still_runs_forward_backward(tmp_path, char_tokenizer):
+    rows = addition_rows(PAIRS)
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, rows, rollout_index_reward(dict.fromkeys(["1+2=", "3+4=", "5+5=", "2+7="], 0))
+    )
+    batch = generation_batch(trainer)
+    batch["hpt_weight"] = torch.zeros_like(batch["hpt_weight"])
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None for p in trainer.model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_conversational_demonstration_tokens_are_the_assistant_turn(tmp_path, char_tokenizer):
+    rows = addition_rows(PAIRS, conversational=True)
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, dense_reward)
+    for row in trainer.train_dataset:
+        full = char_tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        prompt = char_tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        assert row["hpt_demo_ids"] == full[len(prompt) :]
+        tokens = char_tokenizer.convert_ids_to_tokens(row["hpt_demo_ids"])
+        assert tokens == [*row["solution"], "<|end|>"]
+
+
+def test_standard_demonstration_is_completion_plus_eos(tmp_path, char_tokenizer):
+    trainer = make_trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward)
+    for row in trainer.train_dataset:
+        assert char_tokenizer.convert_ids_to_tokens(row["hpt_demo_ids"]) == [*row["completion"], "<|end|>"]
+
+
+def test_missing_demonstration_column_is_named(tmp_path, char_tokenizer):
+    rows = [{"prompt": "1+2=", "answer": "3"}]
+    with pytest.raises(
+        ValueError, match=r"no demonstration column 'completion'.*\['prompt', 'answer'\].*demonstration_column"
+    ):
+        make_trainer(tmp_path, char_tokenizer, rows, dense_reward)
+    with pytest.raises(ValueError, match="'target'"):
+        make_trainer(tmp_path, char_tokenizer, rows, dense_reward, demonstration_column="target")
+
+
+def test_rows_without_demonstration_train_by_rl_and_are_counted(tmp_path, char_tokenizer):
+    rows = addition_rows(PAIRS)
+    rows[0]["completion"], rows[1]["completion"] = None, "  "
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, rows, rollout_index_reward(dict.fromkeys([r["prompt"] for r in rows], 0))
+    )
+    out = generation_batch(trainer)
+    offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
+    assert offline[:, -1].tolist() == [False, False, True, True]
+    assert weights[:2].tolist() == [[1.0] * G] * 2  # RL only, as under GRPO
+    assert trainer._metrics["train"]["hpt/no_demo_fraction"][-1] == 0.5
+
+
+def test_long_demonstration_is_truncated_once_and_counted(tmp_path, char_tokenizer, caplog):
+    rows = addition_rows(PAIRS)
+    rows[2]["completion"] = "1234567890"
+    with caplog.at_level(logging.WARNING, logger="trl_hpt"):
+        trainer = make_trainer(
+            tmp_path,
+            char_tokenizer,
+            rows,
+            rollout_index_reward(dict.fromkeys([r["prompt"] for r in rows], 0)),
+            max_demonstration_length=5,
+        )
+    warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and "1 of 4" in warnings[0].getMessage()
+    assert len(trainer.train_dataset[2]["hpt_demo_ids"]) == 5
+    generation_batch(trainer)
+    assert trainer._metrics["train"]["hpt/demo_truncated_fraction"][-1] == 0.25
+
+
+def test_reward_none_is_not_correct(tmp_path, char_tokenizer):
+    rows = addition_rows(PAIRS)
+
+    def none_reward(prompts, completions, **kwargs):
+        return [None] * len(prompts)
+
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, none_reward, success_threshold=0.0)
+    out = generation_batch(trainer)
+    assert trainer._metrics["train"]["hpt/prompt_accuracy"][-1] == 0.0
+    assert out["hpt_offline"].view(-1, G)[:, -1].all()
+
+
+def test_verifier_reward_index_selects_one_function(tmp_path, char_tokenizer):
+    rows = addition_rows(PAIRS)
+    always = lambda completions, **kw: [1.0] * len(completions)  # noqa: E731
+    never = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, [always, never], verifier_reward_index=1)
+    generation_batch(trainer)
+    assert trainer._metrics["train"]["hpt/prompt_accuracy"][-1] == 0.0
+    with pytest.raises(ValueError, match="verifier_reward_index=2"):
+        make_trainer(tmp_path, char_tokenizer, rows, [always, never], verifier_reward_index=2)

@@ -1,0 +1,154 @@
+"""Configuration of [`HPTTrainer`]."""
+
+from dataclasses import dataclass, field, fields
+
+from trl import GRPOConfig
+
+from trl_hpt.estimator import OFFLINE_PRESETS, UNSUPPORTED_LOSS_TYPES
+
+
+FEEDBACK_STRATEGIES = ("switch", "soft", "linear", "rl", "sft")
+
+
+@dataclass
+class HPTConfig(GRPOConfig):
+    r"""
+    Configuration class for [`HPTTrainer`].
+
+    [`HPTConfig`] inherits every parameter of TRL's [`~trl.GRPOConfig`] (generation, rewards, `loss_type`, clipping,
+    vLLM, logging...) and adds the parameters of Hybrid Post-Training ([Lv et al., 2025](https://huggingface.co/papers/2509.04419)):
+    for each prompt, the share of its rollouts that the verifier accepts decides how much SFT (on the prompt's
+    demonstration) and how much RL (on its rollouts) the prompt gets.
+
+    The inherited defaults are GRPOConfig's, so that `feedback="rl"` is the same run as `GRPOTrainer`. The paper's own
+    settings (Dr. GRPO normalisation, no std scaling, single update per batch) are in `examples/recipes/`.
+
+    Parameters:
+        demonstration_column (`str`, *optional*, defaults to `"completion"`):
+            Dataset column holding each prompt's demonstration.
+        feedback (`str`, *optional*, defaults to `"switch"`):
+            Feedback strategy mapping a prompt's accuracy `P` to its RL weight `alpha` and SFT weight `beta`.
+        switch_gate (`float`, *optional*, defaults to `0.0`):
+            `switch`: SFT when `P <= switch_gate`, RL otherwise.
+        success_threshold (`float`, *optional*, defaults to `1.0`):
+            A rollout is correct when its verifier reward is at least this.
+        verifier_reward_index (`int`, *optional*):
+            Index of the reward function that acts as verifier. `None`: the weighted total reward.
+        sft_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Coefficient of the demonstration (offline) term.
+        offline_loss (`str`, *optional*, defaults to `"sft"`):
+            Estimator preset for demonstration rows: `sft`, `luffy`, `srft` or `chord_phi`.
+        offline_shaping_gamma (`float`, *optional*, defaults to `0.1`):
+            `gamma` of LUFFY's shaping `p / (p + gamma)`.
+        max_demonstration_length (`int`, *optional*):
+            Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
+    """
+
+    demonstration_column: str = field(
+        default="completion",
+        metadata={"help": "Dataset column holding each prompt's demonstration (string or assistant messages)."},
+    )
+    feedback: str = field(
+        default="switch",
+        metadata={
+            "help": "Feedback strategy mapping a prompt's accuracy P to (alpha, beta), the weights of its RL and SFT "
+            "terms. 'switch' (paper default): SFT when P <= switch_gate, else RL. 'soft': alpha = beta = 1 (LUFFY/SRFT "
+            "mixing). 'linear': alpha = P, beta = 1 - P. 'rl': pure GRPO. 'sft': pure SFT on demonstrations. A "
+            "callable passed to HPTTrainer as feedback_fn overrides this.",
+            "choices": list(FEEDBACK_STRATEGIES),
+        },
+    )
+    switch_gate: float = field(
+        default=0.0,
+        metadata={"help": "For feedback='switch': prompts with accuracy P <= switch_gate get SFT, the others RL."},
+    )
+    success_threshold: float = field(
+        default=1.0,
+        metadata={"help": "A rollout counts as correct when its verifier reward is >= this value."},
+    )
+    verifier_reward_index: int | None = field(
+        default=None,
+        metadata={
+            "help": "Index (in reward_funcs) of the reward function used as verifier for the accuracy P. None: the "
+            "weighted total reward."
+        },
+    )
+    sft_loss_coef: float = field(
+        default=1.0,
+        metadata={"help": "Coefficient of the demonstration (offline) loss term. The paper uses 1.0 (0.3 at 1.5B)."},
+    )
+    offline_loss: str = field(
+        default="sft",
+        metadata={
+            "help": "Estimator preset for demonstration rows: 'sft' (cross-entropy), 'luffy' (p / (p + gamma) "
+            "shaping, mixed-group advantage), 'srft' (-A * p, mixed-group advantage) or 'chord_phi' (p (1 - p) "
+            "weighted cross-entropy).",
+            "choices": list(OFFLINE_PRESETS),
+        },
+    )
+    offline_shaping_gamma: float = field(
+        default=0.1,
+        metadata={"help": "gamma of LUFFY's likelihood shaping p / (p + gamma) for offline_loss='luffy'."},
+    )
+    max_demonstration_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_hpt_fields()
+
+    def _validate_hpt_fields(self):
+        if self.feedback not in FEEDBACK_STRATEGIES:
+            raise ValueError(
+                f"HPTConfig.feedback={self.feedback!r} is not one of {FEEDBACK_STRATEGIES}; pass a callable as "
+                "HPTTrainer(feedback_fn=...) for a custom strategy."
+            )
+        if self.offline_loss not in OFFLINE_PRESETS:
+            raise ValueError(f"HPTConfig.offline_loss={self.offline_loss!r} is not one of {OFFLINE_PRESETS}.")
+        if self.loss_type in UNSUPPORTED_LOSS_TYPES:
+            raise ValueError(
+                f"HPTConfig.loss_type={self.loss_type!r} is not an instance of the unified estimator and is not "
+                "supported by HPTTrainer; use 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'cispo'."
+            )
+        if not 0.0 <= self.switch_gate < 1.0:
+            raise ValueError(
+                f"HPTConfig.switch_gate must be in [0, 1) (a prompt accuracy), got {self.switch_gate}. "
+                "0 sends a prompt to SFT only when none of its rollouts is correct."
+            )
+        if self.sft_loss_coef < 0:
+            raise ValueError(f"HPTConfig.sft_loss_coef must be >= 0, got {self.sft_loss_coef}.")
+        if not self.offline_shaping_gamma > 0:
+            raise ValueError(f"HPTConfig.offline_shaping_gamma must be > 0, got {self.offline_shaping_gamma}.")
+        if self.verifier_reward_index is not None and self.verifier_reward_index < 0:
+            raise ValueError(
+                f"HPTConfig.verifier_reward_index must be >= 0 or None, got {self.verifier_reward_index}."
+            )
+        if self.max_demonstration_length is not None and self.max_demonstration_length < 1:
+            raise ValueError(
+                f"HPTConfig.max_demonstration_length must be a positive number of tokens or None, got "
+                f"{self.max_demonstration_length}."
+            )
+        if self.demonstration_column in ("prompt", ""):
+            raise ValueError(f"HPTConfig.demonstration_column cannot be {self.demonstration_column!r}.")
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig, **hpt_fields) -> "HPTConfig":
+        """
+        Turns a plain `GRPOConfig` into an `HPTConfig` with HPT's defaults (or `hpt_fields`) for the added fields.
+
+        The GRPOConfig's resolved state is copied as is rather than re-parsed, so that derived values
+        (`steps_per_generation`, `generation_batch_size`, the distributed state) are exactly those of the original.
+        """
+        if isinstance(args, cls) and not hpt_fields:
+            return args
+        config = cls.__new__(cls)
+        config.__dict__.update(args.__dict__)
+        for f in fields(cls):
+            if f.name not in args.__dict__:
+                setattr(config, f.name, f.default)
+        for name, value in hpt_fields.items():
+            setattr(config, name, value)
+        config._validate_hpt_fields()
+        return config

@@ -1,0 +1,620 @@
+"""The Unified Policy Gradient Estimator (UPGE) of arXiv:2509.04419.
+
+Every post-training gradient in the paper has the form
+
+    grad = 1_stable * (1 / pi_ref) * A_hat * grad pi_theta
+
+per token of a trajectory. SFT, REINFORCE, GRPO/PPO, CISPO, GSPO, SRFT, LUFFY and CHORD-phi differ only in the
+choice of those four parts, so each of them is an [`EstimatorSpec`] (a few lines of data in [`PRESETS`]) evaluated by
+one function, [`per_token_policy_loss`], whose autograd gradient is exactly the estimator.
+
+The module also holds the advantage estimators and TRL's loss aggregations as small pure functions, and
+[`hybrid_loss`], which evaluates a batch whose rows use different specs (online rollouts one, demonstrations another)
+with per-row weights in a single pass. That is what `HPTTrainer` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+
+REFERENCES = ("current", "rollout", "sequence", "one")
+STABILIZATIONS = ("none", "clip", "cispo")
+ADVANTAGES = ("one", "reward", "group", "group_mean", "batch", "sign", "group_mixed")
+TOKEN_WEIGHTS = ("none", "p_one_minus_p")
+AGGREGATIONS = ("loss_type", "token_mean")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+# TRL loss types whose objective is not of the estimator's form; HPTTrainer refuses them at construction.
+UNSUPPORTED_LOSS_TYPES = ("sapo", "vespo", "luspo")
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    r"""
+    The four components of the unified estimator, as data.
+
+    Args:
+        name (`str`, *optional*, defaults to `"custom"`):
+            Name shown in logs and errors.
+        reference (`str`, *optional*, defaults to `"rollout"`):
+            The denominator `pi_ref`: `"current"` (stop-grad of `pi_theta`: SFT, REINFORCE), `"rollout"` (`pi_old`,
+            the sampling policy: PPO, GRPO, CISPO), `"sequence"` (GSPO's length-normalised sequence ratio) or `"one"`
+            (the constant 1, for offline data without a behaviour policy: SRFT, LUFFY).
+        stabilization (`str`, *optional*, defaults to `"clip"`):
+            The mask `1_stable`: `"none"`, `"clip"` (PPO's two-sided clip of the ratio to `[1 - epsilon_low, 1 +
+            epsilon_high]`, optionally capped at `delta`) or `"cispo"` (the ratio clipped at `epsilon_high` and
+            detached, used as a token weight). Both need a ratio, so a `"rollout"` or `"sequence"` reference.
+        advantage (`str`, *optional*, defaults to `"group"`):
+            The advantage estimate `A_hat`: `"one"` (SFT: advantages are ignored), `"reward"` (the raw reward),
+            `"group"` (`(R - mean_G) / std_G`), `"group_mean"` (`R - mean_G`, Dr. GRPO), `"batch"` (group mean,
+            batch std), `"sign"` (`+1` for a correct rollout, `-1` otherwise) or `"group_mixed"` (group statistics
+            over the on-policy rollouts and the off-policy demonstration together: LUFFY, SRFT). The trainer computes
+            advantages with [`compute_advantages`]; [`per_token_policy_loss`] only reads `"one"`.
+        epsilon_low (`float`, *optional*, defaults to `0.2`):
+            Lower clip range for `"clip"`.
+        epsilon_high (`float`, *optional*, defaults to `0.2`):
+            Upper clip range for `"clip"`; the cap on the ratio for `"cispo"` (ScaleRL recommends 5.0 there).
+        delta (`float`, *optional*):
+            Upper cap on the unclipped ratio in `"clip"` (two-sided GRPO, INTELLECT-2). `None` disables it.
+        shaping_gamma (`float`, *optional*):
+            Likelihood shaping `f(p) = p / (p + gamma)` on `grad pi_theta` (LUFFY uses 0.1). `None` means no shaping.
+            Only meaningful with a `"current"` or `"one"` reference.
+        token_weight (`str`, *optional*, defaults to `"none"`):
+            A detached per-token weight: `"none"` or `"p_one_minus_p"` (CHORD-phi, `phi = p (1 - p)`).
+        aggregation (`str`, *optional*, defaults to `"loss_type"`):
+            How rows of this spec are reduced: `"loss_type"` (together with the online rows, by TRL's `loss_type`) or
+            `"token_mean"` (a separate token mean over the rows of this spec, HPT's SFT term).
+    """
+
+    name: str = "custom"
+    reference: str = "rollout"
+    stabilization: str = "clip"
+    advantage: str = "group"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    shaping_gamma: float | None = None
+    token_weight: str = "none"
+    aggregation: str = "loss_type"
+
+    def __post_init__(self):
+        for field_name, allowed in (
+            ("reference", REFERENCES),
+            ("stabilization", STABILIZATIONS),
+            ("advantage", ADVANTAGES),
+            ("token_weight", TOKEN_WEIGHTS),
+            ("aggregation", AGGREGATIONS),
+        ):
+            value = getattr(self, field_name)
+            if value not in allowed:
+                raise ValueError(f"EstimatorSpec {self.name!r}: {field_name}={value!r} is not one of {allowed}.")
+        needs_ratio = self.stabilization in ("clip", "cispo")
+        if needs_ratio and self.reference not in ("rollout", "sequence"):
+            raise ValueError(
+                f"EstimatorSpec {self.name!r}: stabilization={self.stabilization!r} clips the importance ratio "
+                f"pi_theta / pi_old, which needs reference='rollout' or 'sequence', not {self.reference!r}. Use "
+                "stabilization='none' with this reference."
+            )
+        if self.reference == "current" and self.stabilization != "none":
+            raise ValueError(f"EstimatorSpec {self.name!r}: reference='current' has ratio 1; nothing to stabilize.")
+        if self.shaping_gamma is not None:
+            if not self.shaping_gamma > 0:
+                raise ValueError(f"EstimatorSpec {self.name!r}: shaping_gamma must be > 0, got {self.shaping_gamma}.")
+            if self.reference not in ("current", "one"):
+                raise ValueError(
+                    f"EstimatorSpec {self.name!r}: likelihood shaping applies to offline rows (reference='current' "
+                    f"or 'one'), not reference={self.reference!r}."
+                )
+        if self.stabilization == "clip" and not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError(
+                f"EstimatorSpec {self.name!r}: need 0 <= epsilon_low < 1 and epsilon_high >= 0, got "
+                f"{self.epsilon_low}, {self.epsilon_high}."
+            )
+        if self.stabilization == "cispo" and not self.epsilon_high > 0:
+            raise ValueError(f"EstimatorSpec {self.name!r}: cispo needs epsilon_high > 0 (the ratio cap).")
+        if self.delta is not None and self.delta <= 0:
+            raise ValueError(f"EstimatorSpec {self.name!r}: delta must be > 0 or None, got {self.delta}.")
+        if self.advantage == "group_mixed" and self.aggregation == "token_mean":
+            raise ValueError(
+                f"EstimatorSpec {self.name!r}: a mixed-group advantage shares statistics with the online rows, so it "
+                "must aggregate with them (aggregation='loss_type')."
+            )
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """Whether the spec reads `pi_old` (ratio-based references)."""
+        return self.reference in ("rollout", "sequence")
+
+    def replace(self, **changes: Any) -> EstimatorSpec:
+        """Returns a copy with some components changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_grpo_config(self, args: Any) -> EstimatorSpec:
+        """
+        Takes the online hyper-parameters from a TRL `GRPOConfig`, as `GRPOTrainer` reads them.
+
+        `epsilon` and `epsilon_high` (defaulting to `epsilon`), `delta`, and `importance_sampling_level`
+        (`"sequence"` turns a `"rollout"` reference into GSPO's `"sequence"` one). Offline specs are returned as is.
+        """
+        if self.reference not in ("rollout", "sequence"):
+            return self
+        epsilon_high = args.epsilon_high if getattr(args, "epsilon_high", None) is not None else args.epsilon
+        level = getattr(args, "importance_sampling_level", "token")
+        if level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}.")
+        return self.replace(
+            reference="sequence" if level == "sequence" else "rollout",
+            epsilon_low=args.epsilon,
+            epsilon_high=epsilon_high,
+            delta=getattr(args, "delta", None) if self.stabilization == "clip" else None,
+        )
+
+
+PRESETS: dict[str, EstimatorSpec] = {
+    spec.name: spec
+    for spec in (
+        EstimatorSpec("sft", reference="current", stabilization="none", advantage="one", aggregation="token_mean"),
+        EstimatorSpec("reinforce", reference="current", stabilization="none", advantage="sign"),
+        EstimatorSpec("grpo", reference="rollout", stabilization="clip", advantage="group"),
+        EstimatorSpec("ppo", reference="rollout", stabilization="clip", advantage="group"),
+        EstimatorSpec("dr_grpo", reference="rollout", stabilization="clip", advantage="group_mean"),
+        EstimatorSpec("cispo", reference="rollout", stabilization="cispo", advantage="group", epsilon_high=5.0),
+        # GSPO's paper uses a much narrower range, since the sequence ratio is a geometric mean.
+        EstimatorSpec("gspo", reference="sequence", stabilization="clip", epsilon_low=3e-4, epsilon_high=4e-4),
+        EstimatorSpec("srft", reference="one", stabilization="none", advantage="group_mixed"),
+        EstimatorSpec("luffy", reference="one", stabilization="none", advantage="group_mixed", shaping_gamma=0.1),
+        EstimatorSpec(
+            "chord_phi",
+            reference="current",
+            stabilization="none",
+            advantage="one",
+            token_weight="p_one_minus_p",
+            aggregation="token_mean",
+        ),
+    )
+}
+OFFLINE_PRESETS = ("sft", "luffy", "srft", "chord_phi")
+
+
+def get_preset(name: str) -> EstimatorSpec:
+    """Returns `PRESETS[name]` with an error that lists the presets when the name is unknown."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown estimator preset {name!r}. Available presets: {sorted(PRESETS)}.") from None
+
+
+def online_spec_from_grpo_config(args: Any) -> EstimatorSpec:
+    """
+    The estimator `GRPOTrainer` applies to rollouts for a given `GRPOConfig`.
+
+    `loss_type` picks the stabilization (`cispo` or PPO clip); everything else comes from
+    [`EstimatorSpec.with_grpo_config`]. Loss types the estimator does not express raise a `ValueError`.
+    """
+    loss_type = args.loss_type
+    if loss_type in UNSUPPORTED_LOSS_TYPES:
+        raise ValueError(
+            f"loss_type={loss_type!r} is not an instance of the unified estimator (its surrogate is not of the form "
+            f"1_stable * A * grad pi / pi_ref), so HPTTrainer does not support it. Use one of {LOSS_TYPES}."
+        )
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; HPTTrainer supports {LOSS_TYPES}.")
+    base = PRESETS["cispo" if loss_type == "cispo" else "grpo"]
+    advantage = {"group": "group", "batch": "batch", "none": "group_mean"}.get(getattr(args, "scale_rewards", "group"))
+    return base.with_grpo_config(args).replace(advantage=advantage or "group")
+
+
+def _as_column(advantages: torch.Tensor | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    if advantages is None:
+        raise ValueError("advantages are required for presets whose advantage estimate is not 'one'.")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    if advantages.dim() != 2 or advantages.size(0) != batch_size or advantages.size(1) not in (1, like.size(1)):
+        raise ValueError(
+            f"advantages must have shape (batch,), (batch, 1) or (batch, tokens); got {tuple(advantages.shape)} for "
+            f"per-token log-probs of shape {tuple(like.shape)}."
+        )
+    return advantages.to(like.dtype)
+
+
+def importance_ratio(
+    spec: EstimatorSpec, per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """`pi_theta / pi_old` per token `(B, T)` (`"rollout"`) or per sequence `(B, 1)` (`"sequence"`, GSPO)."""
+    log_ratio = per_token_logps - old_per_token_logps
+    if spec.reference == "sequence":
+        mask = mask.to(log_ratio.dtype)
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    return torch.exp(log_ratio)
+
+
+def per_token_policy_loss(
+    spec: EstimatorSpec,
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None,
+    advantages: torch.Tensor | None,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    r"""
+    The per-token surrogate loss of the unified estimator, before aggregation.
+
+    Its autograd gradient is `-1_stable * A * grad pi_theta / pi_ref`, shaped and weighted as the spec says. With
+    `p = exp(lp)`, `r` the importance ratio and `sg` stop-gradient:
+
+    | spec | loss |
+    |---|---|
+    | `current` reference | `-A * lp` (value is the cross-entropy), or `-A * f(p) / sg(p)` with shaping |
+    | `one` reference | `-A * p`, or `-A * p / (p + gamma)` with shaping |
+    | `rollout`/`sequence`, `clip` | `-min(min(r, delta) * A, clip(r, 1 - eps_low, 1 + eps_high) * A)` |
+    | `rollout`/`sequence`, `cispo` | `-sg(min(r, eps_high)) * A * lp` |
+    | `rollout`/`sequence`, `none` | `-r * A` |
+
+    and a `p_one_minus_p` token weight multiplies the result by `sg(p (1 - p))`.
+
+    Args:
+        spec ([`EstimatorSpec`]): The estimator.
+        per_token_logps (`torch.Tensor` of shape `(B, T)`): `log pi_theta` of the sampled tokens, with gradient.
+        old_per_token_logps (`torch.Tensor` of shape `(B, T)`, *optional*):
+            `log pi_old` of the same tokens. Only read by `"rollout"`/`"sequence"` references; `None` there means
+            on-policy (`pi_old = sg(pi_theta)`), as in `GRPOTrainer` when generation and optimisation are aligned.
+        advantages (`torch.Tensor` of shape `(B,)`, `(B, 1)` or `(B, T)`, *optional*):
+            `A_hat`. Ignored (may be `None`) when `spec.advantage == "one"`.
+        mask (`torch.Tensor` of shape `(B, T)`): 1 for completion tokens, 0 for padding.
+
+    Returns:
+        `torch.Tensor` of shape `(B, T)`: the per-token loss, zero where `mask` is zero.
+    """
+    lp = per_token_logps
+    batch_size = lp.size(0)
+    if spec.advantage == "one":
+        adv = torch.ones(batch_size, 1, dtype=lp.dtype, device=lp.device)
+    else:
+        adv = _as_column(advantages, batch_size, lp)
+
+    if spec.reference in ("current", "one"):
+        if spec.shaping_gamma is not None:
+            p = torch.exp(lp)
+            shaped = p / (p + spec.shaping_gamma)
+            loss = -adv * (shaped / p.detach() if spec.reference == "current" else shaped)
+        elif spec.reference == "current":
+            # -A * lp has the gradient of -A * p / sg(p) and reads as cross-entropy in the logs.
+            loss = -adv * lp
+        else:
+            loss = -adv * torch.exp(lp)
+    else:
+        old = lp.detach() if old_per_token_logps is None else old_per_token_logps
+        ratio = importance_ratio(spec, lp, old, mask)
+        if spec.stabilization == "clip":
+            unclipped = ratio if spec.delta is None else torch.clamp(ratio, max=spec.delta)
+            clipped = torch.clamp(ratio, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
+            loss = -torch.min(unclipped * adv, clipped * adv)
+        elif spec.stabilization == "cispo":
+            loss = -torch.clamp(ratio, max=spec.epsilon_high).detach() * adv * lp
+        else:
+            loss = -ratio * adv
+        loss = loss.expand_as(lp)
+
+    if spec.token_weight == "p_one_minus_p":
+        p = torch.exp(lp.detach())
+        loss = loss * (p * (1 - p))
+    return torch.where(mask.bool(), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+
+
+def clip_fractions(
+    spec: EstimatorSpec, ratio: torch.Tensor, advantages: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """Boolean masks of the tokens the stabilization cut off (for logging), shaped like `ratio`."""
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    if spec.stabilization == "clip":
+        low = (ratio < 1 - spec.epsilon_low) & (adv < 0)
+        high = (ratio > 1 + spec.epsilon_high) & (adv > 0)
+        return {"low": low, "high": high, "region": low | high}
+    if spec.stabilization == "cispo":
+        return {"cispo": (ratio > spec.epsilon_high) & (adv > 0)}
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantage estimators
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    # Bessel-corrected std that ignores NaN (unscorable rollouts), NaN when fewer than two values: TRL's convention.
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    var = torch.where(count > 1, var * count / (count - 1).clamp(min=1), torch.full_like(var, float("nan")))
+    std = var.sqrt()
+    return std.squeeze(dim) if dim is not None else std.reshape(())
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """
+    Group-relative advantages, as `GRPOTrainer` computes them.
+
+    `A = R - mean_G(R)`, divided by `std_G(R) + eps` (`"group"`), by the std over the whole batch (`"batch"`) or by
+    nothing (`"none"`, Dr. GRPO). NaN rewards (every reward function returned `None`) are left out of the statistics
+    and get advantage 0.
+
+    Args:
+        rewards (`torch.Tensor` of shape `(N,)`): rewards of `N / num_generations` consecutive groups.
+        num_generations (`int`): group size `G`.
+        scale_rewards (`str`): `"group"`, `"batch"` or `"none"`.
+        eps (`float`): added to the std before dividing.
+    """
+    if rewards.numel() % num_generations != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}.")
+    grouped = rewards.view(-1, num_generations)
+    centered = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)
+    if scale_rewards == "group":
+        if num_generations > 1:
+            std = _nanstd(grouped, dim=1).repeat_interleave(num_generations)
+        else:
+            std = torch.zeros_like(rewards)
+    elif scale_rewards == "batch":
+        std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    elif scale_rewards == "none":
+        std = None
+    else:
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}.")
+    advantages = centered if std is None else centered / (std + eps)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def mixed_group_advantages(
+    rewards: torch.Tensor,
+    offline_rewards: torch.Tensor,
+    offline_mask: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """
+    Advantages over a group that mixes on-policy rollouts and an off-policy demonstration (LUFFY, SRFT).
+
+    Rows where `offline_mask` is true hold a demonstration: their reward is `offline_rewards` at the same index, and
+    it enters the group's mean and std like any rollout's.
+    """
+    mixed = torch.where(offline_mask.bool(), offline_rewards.to(rewards.dtype), rewards)
+    return group_advantages(mixed, num_generations, scale_rewards, eps)
+
+
+def sign_advantages(rewards: torch.Tensor, success_threshold: float = 1.0) -> torch.Tensor:
+    """REINFORCE-sign advantages: `+1` for a correct rollout (reward >= threshold), `-1` otherwise (NaN included)."""
+    correct = torch.nan_to_num(rewards, nan=-math.inf) >= success_threshold
+    return correct.to(rewards.dtype if rewards.is_floating_point() else torch.float32) * 2 - 1
+
+
+def compute_advantages(
+    spec: EstimatorSpec,
+    rewards: torch.Tensor,
+    num_generations: int,
+    *,
+    offline_rewards: torch.Tensor | None = None,
+    offline_mask: torch.Tensor | None = None,
+    success_threshold: float = 1.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Dispatches to the advantage estimator that `spec.advantage` names."""
+    kind = spec.advantage
+    if kind == "one":
+        return torch.ones_like(rewards)
+    if kind == "reward":
+        return torch.nan_to_num(rewards, nan=0.0)
+    if kind == "sign":
+        return sign_advantages(rewards, success_threshold)
+    scale = {"group": "group", "group_mixed": "group", "group_mean": "none", "batch": "batch"}[kind]
+    if kind == "group_mixed":
+        if offline_rewards is None or offline_mask is None:
+            raise ValueError("advantage='group_mixed' needs offline_rewards and offline_mask.")
+        return mixed_group_advantages(rewards, offline_rewards, offline_mask, num_generations, scale, eps)
+    return group_advantages(rewards, num_generations, scale, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation (DESIGN 1.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def loss_type_denominator(
+    loss_type: str,
+    *,
+    num_rows: float,
+    num_tokens: float,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    num_processes: int = 1,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int = 1,
+    training: bool = True,
+) -> float:
+    """
+    The number TRL divides a micro-batch's summed loss by, for each `loss_type`.
+
+    `grpo` divides the sum of per-sequence token means by `num_rows`; `bnpo` the token sum by the micro-batch's
+    `num_tokens`; `dr_grpo` by `num_rows * max_completion_length`; `dapo`/`cispo` by the generation batch's global
+    token count `num_items_in_batch`, spread over processes and accumulation steps. All but `dapo`/`cispo` are also
+    divided by the gradient-accumulation steps in training, as `GRPOTrainer` does (Trainer's own scaling is off).
+    """
+    accumulation = gradient_accumulation_steps if training else 1
+    if loss_type == "grpo":
+        return max(num_rows, 1.0) * accumulation
+    if loss_type == "bnpo":
+        return max(num_tokens, 1.0) * accumulation
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length.")
+        return max(num_rows, 1.0) * max_completion_length * accumulation
+    if loss_type in ("dapo", "cispo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"loss_type={loss_type!r} needs num_items_in_batch (the generation batch's tokens).")
+        denominator = max(float(num_items_in_batch), 1.0) / num_processes
+        if training:
+            denominator = denominator * gradient_accumulation_steps / steps_per_generation
+        return denominator
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    row_weights: torch.Tensor | None = None,
+    denominator: float | None = None,
+    **denominator_kwargs: Any,
+) -> torch.Tensor:
+    """
+    Reduces a `(B, T)` per-token loss to a scalar the way TRL's `loss_type` does.
+
+    `row_weights` multiply each row's contribution (HPT's alpha and beta). `denominator` overrides the one computed
+    from this batch, so that a pass over a subset of rows (zero-weight rows skipped) divides by what the full batch
+    would; otherwise it comes from [`loss_type_denominator`] with `num_rows`/`num_tokens` of this batch.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    if loss_type == "grpo":
+        per_row = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    else:
+        per_row = (per_token_loss * mask).sum(-1)
+    if row_weights is not None:
+        per_row = per_row * row_weights.to(per_row.dtype)
+    if denominator is None:
+        denominator_kwargs.setdefault("num_rows", float(mask.size(0)))
+        denominator_kwargs.setdefault("num_tokens", float(mask.sum()))
+        denominator = loss_type_denominator(loss_type, **denominator_kwargs)
+    return per_row.sum() / denominator
+
+
+def token_mean_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    row_weights: torch.Tensor | None = None,
+    denominator: float | None = None,
+) -> torch.Tensor:
+    """Masked token mean of `(B, T)` losses, rows weighted; `denominator` defaults to the number of masked tokens."""
+    mask = mask.to(per_token_loss.dtype)
+    per_row = (per_token_loss * mask).sum(-1)
+    if row_weights is not None:
+        per_row = per_row * row_weights.to(per_row.dtype)
+    if denominator is None:
+        denominator = float(mask.sum())
+    return per_row.sum() / max(denominator, 1.0)
+
+
+class HybridLoss(NamedTuple):
+    """Output of [`hybrid_loss`]: the total, its two terms (detached, for logging) and the per-token loss."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    token_mean_loss: torch.Tensor
+    per_token_loss: torch.Tensor
+
+
+def mixed_per_token_loss(
+    specs: Mapping[int, EstimatorSpec],
+    row_spec: torch.Tensor,
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None,
+    advantages: torch.Tensor | None,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """
+    [`per_token_policy_loss`] for a batch whose rows use different specs: row `i` uses `specs[row_spec[i]]`.
+
+    One forward pass produced `per_token_logps` for every row; each spec is evaluated on its own rows only (so a
+    ratio is never formed for rows that have no `pi_old`), and the results are stitched back in row order.
+    """
+    out = torch.zeros_like(per_token_logps)
+    for key, spec in specs.items():
+        rows = (row_spec == key).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        if rows.numel() == row_spec.numel():
+            return per_token_policy_loss(spec, per_token_logps, old_per_token_logps, advantages, mask)
+        old = None
+        if spec.needs_old_logps and old_per_token_logps is not None:
+            old = old_per_token_logps[rows]
+        adv = advantages[rows] if advantages is not None else None
+        out = out.index_put((rows,), per_token_policy_loss(spec, per_token_logps[rows], old, adv, mask[rows]))
+    return out
+
+
+def hybrid_loss(
+    per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    online_spec: EstimatorSpec,
+    offline_spec: EstimatorSpec,
+    offline: torch.Tensor,
+    weights: torch.Tensor,
+    advantages: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None,
+    loss_type: str,
+    policy_denominator: float,
+    token_mean_denominator: float,
+    offline_coef: float = 1.0,
+    online_token_scale: torch.Tensor | None = None,
+    online_token_bias: torch.Tensor | None = None,
+) -> HybridLoss:
+    r"""
+    HPT's loss for one micro-batch (DESIGN 1.2), in a single pass over rows that mix two specs.
+
+        L = [sum_online alpha_i l_i + sum_{offline, loss_type agg.} c beta_i l_i] / policy_denominator
+            + c * sum_{offline, token_mean agg.} beta_i l_i / token_mean_denominator
+
+    where `l_i` is row `i`'s per-token loss summed as `loss_type` sums it and `c` is `offline_coef`.
+
+    Args:
+        per_token_logps, mask: `(B, T)` log-probs (with gradient) and completion mask.
+        online_spec, offline_spec: the estimators of rollout rows and demonstration rows.
+        offline (`torch.Tensor` of shape `(B,)`, bool): which rows hold a demonstration.
+        weights (`torch.Tensor` of shape `(B,)`): alpha for rollout rows, beta for demonstration rows.
+        advantages (`torch.Tensor` of shape `(B,)`): per-row advantages (ignored by specs with advantage `"one"`).
+        old_per_token_logps: `log pi_old`, read for rollout rows only.
+        loss_type: TRL's aggregation for the policy term.
+        policy_denominator, token_mean_denominator: what each term divides by (see [`loss_type_denominator`]);
+            computed by the caller over the full micro-batch so that skipping zero-weight rows changes nothing.
+        offline_coef: `sft_loss_coef`.
+        online_token_scale, online_token_bias: `(B, T)` or `(B, 1)` factors applied to rollout rows only, before
+            aggregation: TRL's off-policy mask, entropy mask, vLLM importance-sampling ratio (scale) and KL (bias).
+    """
+    offline = offline.bool()
+    row_spec = offline.long()
+    per_token = mixed_per_token_loss(
+        {0: online_spec, 1: offline_spec}, row_spec, per_token_logps, old_per_token_logps, advantages, mask
+    )
+    online = (~offline).unsqueeze(1)
+    if online_token_scale is not None:
+        per_token = torch.where(online, per_token * online_token_scale, per_token)
+    if online_token_bias is not None:
+        per_token = torch.where(online, per_token + online_token_bias, per_token)
+
+    row_weights = torch.where(offline, weights * offline_coef, weights).to(per_token.dtype)
+    separate = offline if offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
+    zero = per_token.new_zeros(())
+    policy_rows = ~separate
+    policy = zero
+    if bool(policy_rows.any()):
+        policy = aggregate_loss(
+            per_token[policy_rows],
+            mask[policy_rows],
+            loss_type,
+            row_weights=row_weights[policy_rows],
+            denominator=policy_denominator,
+        )
+    token_mean = zero
+    if bool(separate.any()):
+        token_mean = token_mean_loss(
+            per_token[separate], mask[separate], row_weights=row_weights[separate], denominator=token_mean_denominator
+        )
+    return HybridLoss(policy + token_mean, policy.detach(), token_mean.detach(), per_token)
