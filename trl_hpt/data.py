@@ -14,7 +14,15 @@ logger = logging.getLogger(__name__)
 DEMO_IDS = "hpt_demo_ids"
 DEMO_TRUNCATED = "hpt_demo_truncated"
 HAS_DEMO = "hpt_has_demo"
-HPT_COLUMNS = (DEMO_IDS, DEMO_TRUNCATED, HAS_DEMO)
+ROW_INDEX = "hpt_row_index"
+HPT_COLUMNS = (DEMO_IDS, DEMO_TRUNCATED, HAS_DEMO, ROW_INDEX)
+
+
+def add_row_index(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    """Adds `hpt_row_index`, the row's position in the training set, so gate decisions can be traced to prompts."""
+    if ROW_INDEX in (column_names(dataset) or []):
+        return dataset
+    return dataset.map(lambda _, index: {ROW_INDEX: index}, with_indices=True)
 
 
 def column_names(dataset: Dataset | IterableDataset) -> list[str] | None:

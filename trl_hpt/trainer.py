@@ -23,6 +23,8 @@ from trl_hpt.data import (
     DEMO_TRUNCATED,
     HAS_DEMO,
     HPT_COLUMNS,
+    ROW_INDEX,
+    add_row_index,
     check_demonstration_column,
     prepare_demonstrations,
 )
@@ -168,6 +170,10 @@ class HPTTrainer(GRPOTrainer):
                 f"HPTConfig.verifier_reward_index={args.verifier_reward_index} but {len(self.reward_funcs)} reward "
                 "function(s) were given; use an index into reward_funcs or None for the weighted total."
             )
+        # Per-step gate decisions (step, prompt, P, alpha, beta), kept on the main process for reports.
+        self.gate_history: list[dict] = []
+        if self.train_dataset is not None:
+            self.train_dataset = add_row_index(self.train_dataset)
         if self._uses_demonstrations and self.train_dataset is not None:
             # Tokenised once, with the processing class and chat template generation uses.
             self.train_dataset = prepare_demonstrations(
@@ -187,7 +193,7 @@ class HPTTrainer(GRPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._uses_demonstrations:
+        if self._signature_columns is not None:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *HPT_COLUMNS]))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -263,6 +269,7 @@ class HPTTrainer(GRPOTrainer):
 
         global_weights = gather(weights)
         num_groups = accuracy.numel()
+        self._record_gate(hpt_fields, accuracy, alpha, beta, placed, num_generations)
         metrics = self._metrics["train"]
         metrics["hpt/sft_fraction"].append(placed.float().mean().item())
         metrics["hpt/rl_fraction"].append((alpha > 0).float().mean().item())
@@ -273,6 +280,21 @@ class HPTTrainer(GRPOTrainer):
         metrics["hpt/skipped_rows"].append((global_weights == 0).float().mean().item())
         metrics["hpt/num_prompts"].append(float(num_groups))
         return output
+
+    def _record_gate(self, hpt_fields, accuracy, alpha, beta, placed, num_generations):
+        local_index = torch.tensor(
+            [-1 if f.get(ROW_INDEX) is None else int(f[ROW_INDEX]) for f in hpt_fields], device=accuracy.device
+        )
+        prompt_index = gather(local_index).view(-1, num_generations)[:, 0]
+        if not self.accelerator.is_main_process:
+            return
+        step = self.state.global_step
+        for index, p, a, b, sft in zip(
+            prompt_index.tolist(), accuracy.tolist(), alpha.tolist(), beta.tolist(), placed.tolist()
+        ):
+            self.gate_history.append(
+                {"step": step, "prompt_index": index, "accuracy": p, "alpha": a, "beta": b, "sft": bool(sft)}
+            )
 
     def _swap_in_demonstrations(self, output, offline, hpt_fields):
         """Writes each placed demonstration into its row: completion tokens, mask, and neutral per-token extras."""
