@@ -614,6 +614,8 @@ class HPTTrainer(GRPOTrainer):
             clipped = ((ratio > self.online_spec.epsilon_high) & (advantages > 0)).float()
             metrics["cispo_clip_ratio"].append(global_mean(clipped, rl_mask))
 
+        if not training:
+            return  # evaluation has no demonstrations: GRPOTrainer's metrics plus hpt/prompt_accuracy only
         # Loss terms as they read per optimizer step (without gradient-accumulation scaling), averaged over ranks.
         undo = (
             accumulation

@@ -1,0 +1,137 @@
+"""HPTTrainer keeps GRPOTrainer's features: PEFT, several iterations, accumulation, resuming, evaluation."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig
+
+from tests.conftest import dense_reward, tiny_model, train_args
+from trl_hpt import HPTConfig, HPTTrainer
+from trl_hpt.demo import addition_rows, exact_match_reward
+
+
+PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 6)]
+
+
+def _trainer(tmp_path, tokenizer, reward=exact_match_reward, **overrides):
+    overrides.setdefault("per_device_train_batch_size", 8)
+    return HPTTrainer(
+        model=tiny_model(tokenizer),
+        reward_funcs=reward,
+        args=train_args(tmp_path, **overrides),
+        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
+        processing_class=tokenizer,
+    )
+
+
+def test_lora_trains_only_the_adapter(tmp_path, char_tokenizer):
+    from peft import LoraConfig
+
+    trainer = HPTTrainer(
+        model=tiny_model(char_tokenizer),
+        reward_funcs=exact_match_reward,
+        args=train_args(tmp_path, max_steps=2, learning_rate=0.5),
+        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
+        processing_class=char_tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" not in n}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert any((params[n] - v).abs().max() > 0 for n, v in lora.items())
+    assert all(torch.equal(params[n], v) for n, v in base.items())
+    assert trainer.state.log_history[0]["hpt/sft_fraction"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_iterations": 2},
+        {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+        {"steps_per_generation": 3},
+        {"num_iterations": 2, "steps_per_generation": 2, "loss_type": "grpo"},
+    ],
+    ids=["iterations", "accumulation", "steps_per_generation", "iterations+spg"],
+)
+def test_iterations_accumulation_and_generation_reuse(tmp_path, char_tokenizer, overrides):
+    trainer = _trainer(tmp_path, char_tokenizer, reward=dense_reward, max_steps=3, **overrides)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 3 and len(logs) == 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    # Like GRPOTrainer's reward metrics, the gate metrics come with the steps that generate.
+    assert all(("hpt/prompt_accuracy" in h) == ("reward" in h) for h in logs)
+    assert any("hpt/prompt_accuracy" in h for h in logs) and all("hpt/sft_loss" in h for h in logs)
+
+
+def test_checkpoint_resumes_and_finishes(tmp_path, char_tokenizer):
+    run = dict(max_steps=4, save_strategy="steps", save_steps=2, reward=dense_reward)
+    trainer = _trainer(tmp_path / "a", char_tokenizer, **run)
+    trainer.train()
+    full = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+
+    resumed = _trainer(tmp_path / "a", char_tokenizer, **run)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    # the log keeps the metrics of the steps before the checkpoint
+    steps = [h["step"] for h in resumed.state.log_history if "hpt/sft_fraction" in h]
+    assert steps == [1, 2, 3, 4]
+    moved = max((p.detach() - full[n]).abs().max().item() for n, p in resumed.model.named_parameters())
+    assert moved < 1.0  # resumed from the saved weights, not from scratch
+    assert os.path.isdir(tmp_path / "a" / "checkpoint-4")
+
+
+def test_evaluation_uses_no_demonstrations_and_reports_accuracy(tmp_path, char_tokenizer):
+    eval_rows = [{"prompt": r["prompt"], "solution": r["solution"]} for r in addition_rows(PAIRS[:4])]
+    trainer = HPTTrainer(
+        model=tiny_model(char_tokenizer),
+        reward_funcs=exact_match_reward,
+        args=train_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8),
+        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
+        eval_dataset=Dataset.from_list(eval_rows),
+        processing_class=char_tokenizer,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert evals and "eval_hpt/prompt_accuracy" in evals[0] and "eval_reward" in evals[0]
+    assert not any(k.startswith("eval_hpt/sft") for k in evals[0])
+
+
+def test_accepts_plain_grpo_config(tmp_path, char_tokenizer):
+    args = train_args(tmp_path, cls=GRPOConfig, max_steps=1)
+    trainer = HPTTrainer(
+        model=tiny_model(char_tokenizer),
+        reward_funcs=exact_match_reward,
+        args=args,
+        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
+        processing_class=char_tokenizer,
+    )
+    assert isinstance(trainer.args, HPTConfig) and trainer.args.feedback == "switch"
+    assert trainer.args.per_device_train_batch_size == 8 and trainer.args.steps_per_generation == 1
+    trainer.train()
+
+
+def test_unsupported_loss_type_and_trl_version_are_refused(tmp_path, char_tokenizer):
+    from trl_hpt.trainer import check_trl_version
+
+    with pytest.raises(ValueError, match="sapo"):
+        train_args(tmp_path, loss_type="sapo")
+    with pytest.raises(ImportError, match=r"trl>=1\.16\.0,<1\.17\.0.*2\.0\.0"):
+        check_trl_version("2.0.0")
+    check_trl_version("1.16.3")
+
+
+def test_config_validation_names_the_field(tmp_path):
+    for field, value in [
+        ("feedback", "sometimes"),
+        ("offline_loss", "dpo"),
+        ("switch_gate", 1.5),
+        ("sft_loss_coef", -1),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            train_args(tmp_path, **{field: value})
