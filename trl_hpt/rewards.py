@@ -77,13 +77,11 @@ def extract_boxed(text: str) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    last = None
-    for last in _BOX_MACRO_RE.finditer(text):  # noqa: B007 - only the last match is wanted
-        pass
-    if last is None:
+    macros = list(_BOX_MACRO_RE.finditer(text))
+    if not macros:
         return None
-    start = last.end()
-    while start < len(text) and text[start] == " ":
+    start = macros[-1].end()
+    while start < len(text) and text[start].isspace():
         start += 1
     if start >= len(text):
         return None
@@ -231,12 +229,16 @@ def _parse_answer(answer: str, parsing_timeout: int | None) -> tuple:
 
 
 def _math_equal(answer: str | None, gold: str) -> float | None:
-    """1.0 / 0.0 whether `answer` equals `gold` according to math-verify; `None` if `gold` cannot be parsed."""
+    """1.0 / 0.0 whether `answer` equals `gold` according to math-verify; see `math_verify_reward` for `None`."""
     from math_verify import verify
 
     parsing_timeout, verify_timeout = _timeouts()
     gold_parsed = _parse_answer(gold, parsing_timeout)
-    if not gold_parsed:
+    if not gold_parsed or isinstance(gold_parsed[0], str):
+        # math-verify could only keep the gold answer as text. A verbatim match is still a sure success, but anything
+        # else may be an equivalent form nobody can check, so the row is left out rather than scored wrong.
+        if answer is not None and "".join(answer.split()) == "".join(gold.split()):
+            return 1.0
         return None
     if answer is None or len(answer) > MAX_ANSWER_CHARS:
         return 0.0
@@ -310,8 +312,9 @@ def math_verify_reward(
 
     Returns:
         `list[float | None]`: One reward per completion. Garbage completions score 0.0; the function never raises on
-        model output. Unparsable gold answers give `None`, so that a broken row neither counts as correct nor shifts
-        group baselines.
+        model output. A missing gold answer, or one math-verify cannot parse into a mathematical object (e.g.
+        `np.arcsin(10/13)`), gives `None` unless the completion's answer matches it verbatim (then 1.0), so that a
+        broken row neither counts as a failure nor shifts group baselines.
 
     Example:
 
