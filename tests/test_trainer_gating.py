@@ -43,12 +43,18 @@ def generation_batch(trainer):
 
 
 PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
+PROMPTS = [row["prompt"] for row in addition_rows(PAIRS)]
+
+
+def correct_counts(*counts):
+    """{prompt: number of correct rollouts} for the prompts of PAIRS, in order."""
+    return dict(zip(PROMPTS, counts))
 
 
 @pytest.mark.parametrize("gate", [0.0, 0.5])
 def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokenizer, gate):
     rows = addition_rows(PAIRS)
-    k = {"1+2=": 0, "3+4=": 1, "5+5=": 2, "2+7=": 4}
+    k = correct_counts(0, 1, 2, 4)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), switch_gate=gate)
     out = generation_batch(trainer)
     accuracy = torch.tensor([k[r["prompt"]] / G for r in rows])
@@ -90,7 +96,7 @@ def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokeniz
 )
 def test_feedback_strategies_produce_their_weights(tmp_path, char_tokenizer, feedback, expected):
     rows = addition_rows(PAIRS)
-    k = {"1+2=": 0, "3+4=": 1, "5+5=": 2, "2+7=": 4}
+    k = correct_counts(0, 1, 2, 4)
     kwargs = {"feedback": feedback} if isinstance(feedback, str) else {}
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), **kwargs)
     if callable(feedback):
@@ -120,7 +126,7 @@ def test_offline_losses_train_end_to_end(tmp_path, char_tokenizer, offline_loss)
 def test_luffy_advantages_include_the_demonstration_in_the_group(tmp_path, char_tokenizer):
     """A group nobody solves has no GRPO signal; with LUFFY the demonstration (reward 1) gives it one."""
     rows = addition_rows(PAIRS)
-    k = {"1+2=": 0, "3+4=": 1, "5+5=": 2, "2+7=": 4}
+    k = correct_counts(0, 1, 2, 4)
 
     def reward(prompts, completions, solution, **kwargs):
         # demonstrations are scored with the same function: they are correct answers
@@ -146,7 +152,7 @@ def test_luffy_advantages_include_the_demonstration_in_the_group(tmp_path, char_
 
 def test_zero_weight_rows_are_skipped_with_identical_loss_and_gradients(tmp_path, char_tokenizer):
     rows = addition_rows(PAIRS)
-    k = {"1+2=": 0, "3+4=": 0, "5+5=": 2, "2+7=": 4}
+    k = correct_counts(0, 0, 2, 4)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), loss_type="grpo")
     trainer.model.train()
     batch = generation_batch(trainer)
@@ -176,9 +182,7 @@ def test_zero_weight_rows_are_skipped_with_identical_loss_and_gradients(tmp_path
 
 def test_rank_with_only_zero_weight_rows_still_runs_forward_backward(tmp_path, char_tokenizer):
     rows = addition_rows(PAIRS)
-    trainer = make_trainer(
-        tmp_path, char_tokenizer, rows, rollout_index_reward(dict.fromkeys(["1+2=", "3+4=", "5+5=", "2+7="], 0))
-    )
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(correct_counts(0, 0, 0, 0)))
     batch = generation_batch(trainer)
     batch["hpt_weight"] = torch.zeros_like(batch["hpt_weight"])
     trainer.model.zero_grad()

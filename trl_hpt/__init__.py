@@ -16,14 +16,24 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "HPTConfig": "trl_hpt.config",
     "HPTTrainer": "trl_hpt.trainer",
+    "HPTReportCallback": "trl_hpt.callbacks",
     "EstimatorSpec": "trl_hpt.estimator",
     "PRESETS": "trl_hpt.estimator",
     "per_token_policy_loss": "trl_hpt.estimator",
 }
 
-__all__ = ["HPTConfig", "HPTTrainer", "PRESETS", "EstimatorSpec", "__version__", "per_token_policy_loss"]
+__all__ = [
+    "HPTConfig",
+    "HPTReportCallback",
+    "HPTTrainer",
+    "PRESETS",
+    "EstimatorSpec",
+    "__version__",
+    "per_token_policy_loss",
+]
 
 if TYPE_CHECKING:
+    from trl_hpt.callbacks import HPTReportCallback
     from trl_hpt.config import HPTConfig
     from trl_hpt.estimator import PRESETS, EstimatorSpec, per_token_policy_loss
     from trl_hpt.trainer import HPTTrainer

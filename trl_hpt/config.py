@@ -42,6 +42,8 @@ class HPTConfig(GRPOConfig):
             `gamma` of LUFFY's shaping `p / (p + gamma)`.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
+        hpt_report (`bool`, *optional*, defaults to `True`):
+            Write the per-prompt gate history and an SFT-fraction / accuracy report to `output_dir`.
     """
 
     demonstration_column: str = field(
@@ -93,6 +95,15 @@ class HPTConfig(GRPOConfig):
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
+    )
+
+    hpt_report: bool = field(
+        default=True,
+        metadata={
+            "help": "Write HPT's gate report to output_dir: hpt_gate_history.jsonl (one record per prompt, appended "
+            "each step), and at the end of training hpt_report.json and hpt_report.png (SFT fraction and mean prompt "
+            "accuracy per step)."
+        },
     )
 
     def __post_init__(self):

@@ -78,7 +78,7 @@ def load_benchmark(name_or_path: str | Path, limit: int | None = None) -> list[d
 
     Raises:
         `ValueError`: If the name is neither a shipped benchmark nor an existing file (the message lists the shipped
-        names), or if a row lacks `prompt` or `answer`.
+            names), or if a row lacks `prompt` or `answer`.
     """
     shipped = {_canonical(name): name for name in BENCHMARKS}
     key = _canonical(str(name_or_path))

@@ -17,6 +17,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_config_model_id, nanmax, nanmin
 
+from trl_hpt.callbacks import HPTReportCallback
 from trl_hpt.config import HPTConfig
 from trl_hpt.data import (
     DEMO_IDS,
@@ -92,8 +93,7 @@ class HPTTrainer(GRPOTrainer):
     - `_set_signature_columns_if_needed`: keeps the prepared demonstration columns.
 
     Args:
-        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes,
-        callbacks, optimizers, peft_config, **kwargs:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks, optimizers, peft_config, **kwargs:
             As in [`~trl.GRPOTrainer`]. `args` may be an [`HPTConfig`] or a plain `GRPOConfig` (then HPT's
             defaults apply to the HPT fields).
         feedback_fn (`Callable[[float], tuple[float, float]]`, *optional*):
@@ -172,6 +172,8 @@ class HPTTrainer(GRPOTrainer):
             )
         # Per-step gate decisions (step, prompt, P, alpha, beta), kept on the main process for reports.
         self.gate_history: list[dict] = []
+        if args.hpt_report and not any(isinstance(c, HPTReportCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(HPTReportCallback(self))
         if self.train_dataset is not None:
             self.train_dataset = add_row_index(self.train_dataset)
         if self._uses_demonstrations and self.train_dataset is not None:
@@ -617,11 +619,9 @@ class HPTTrainer(GRPOTrainer):
         if not training:
             return  # evaluation has no demonstrations: GRPOTrainer's metrics plus hpt/prompt_accuracy only
         # Loss terms as they read per optimizer step (without gradient-accumulation scaling), averaged over ranks.
-        undo = (
-            accumulation
-            if self.loss_type not in ("dapo", "cispo")
-            else (accumulation / self.args.steps_per_generation if training else 1.0)
-        )
+        # Each micro-batch's term is scaled by 1/accumulation (all loss types, since dapo's spread of the token count
+        # over steps_per_generation micro-batches cancels over a step); their mean over the window reads per step.
+        undo = accumulation
         terms = torch.stack([result.policy_loss * undo, result.token_mean_loss * undo]).float()
         has_rl = torch.tensor(float(bool(((~offline) & (weights > 0)).any())), device=mask.device)
         has_sft = torch.tensor(float(bool((offline & (weights > 0)).any())), device=mask.device)
@@ -630,7 +630,9 @@ class HPTTrainer(GRPOTrainer):
             metrics["hpt/rl_loss"].append((totals[0] / totals[2].clamp(min=1)).item())
             metrics["hpt/sft_loss"].append((totals[1] / totals[3].clamp(min=1)).item())
         else:
-            metrics["hpt/rl_loss"].append((totals[0] / (totals[2] + totals[3] > 0).float().clamp(min=1)).item())
+            # LUFFY/SRFT: demonstration rows are part of the policy term; average over ranks that trained any row.
+            has_any = reduce(torch.stack([has_rl, has_sft]).max().reshape(1), "sum")
+            metrics["hpt/rl_loss"].append((totals[0] / has_any.clamp(min=1)).item())
             sft_values = -per_token_logps.detach()
             metrics["hpt/sft_loss"].append(global_mean(sft_values, mask * offline.unsqueeze(1)))
 
