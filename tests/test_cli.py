@@ -253,3 +253,20 @@ def test_train_runs_a_recipe_on_local_files(local_files, tmp_path):
     card = ModelCard.load(out / "README.md")
     assert "hpt" in card.data.tags and "2509.04419" in card.text
     assert (out / "hpt_gate_history.jsonl").is_file() and (out / "hpt_report.json").is_file()
+
+
+def test_eval_command_end_to_end_on_a_local_model(tmp_path, capsys):
+    """`trl-hpt eval --limit 2` on a tiny local checkpoint: real loading, generation, scoring and the JSON file."""
+    import json
+
+    from helpers_tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    output = tmp_path / "results.json"
+    argv = ["eval", "--model_name_or_path", str(model_dir), "--benchmarks", "AIME24", "AMC23", "--limit", "2"]
+    argv += ["--num_samples", "2", "--k", "1", "2", "--max_new_tokens", "4", "--output_file", str(output)]
+    assert cli.main(argv) == 0
+    results = json.loads(output.read_text())
+    text = json.dumps(results)
+    assert "AIME24" in text and "AMC23" in text and "pass@2" in text
+    assert "AIME24" in capsys.readouterr().out  # the printed table
