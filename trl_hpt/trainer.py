@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import trl
@@ -522,22 +522,19 @@ class HPTTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_loss_metrics(
-            mode,
-            result,
-            per_token_logps,
-            mask,
-            active,
-            online_mask,
-            offline,
-            weights,
-            entropies,
-            ratio_for_log,
-            advantages,
-            bias,
-            accumulation,
-            training,
+        step = _LossStep(
+            per_token_logps=per_token_logps.detach(),
+            mask=mask,
+            active=active,
+            online_mask=online_mask,
+            offline=offline,
+            weights=weights,
+            entropies=entropies,
+            ratio=ratio_for_log.detach(),
+            advantages=advantages,
+            per_token_kl=None if bias is None else (bias / self.beta).detach(),
         )
+        self._log_loss_metrics(mode, result, step, accumulation, training)
         return loss
 
     def _entropy_bonus(self, entropies, effective_mask, mode):
@@ -566,23 +563,15 @@ class HPTTrainer(GRPOTrainer):
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         return coef * entropy_loss
 
-    def _log_loss_metrics(
-        self,
-        mode,
-        result,
-        per_token_logps,
-        mask,
-        active,
-        online_mask,
-        offline,
-        weights,
-        entropies,
-        ratio,
-        advantages,
-        kl_bias,
-        accumulation,
-        training,
-    ):
+    def _log_loss_metrics(self, mode, result, step: _LossStep, accumulation, training):
+        per_token_logps, mask, active, online_mask = step.per_token_logps, step.mask, step.active, step.online_mask
+        offline, weights, entropies, ratio, advantages = (
+            step.offline,
+            step.weights,
+            step.entropies,
+            step.ratio,
+            step.advantages,
+        )
         reduce = self.accelerator.reduce
 
         def global_mean(values, value_mask):
@@ -594,8 +583,8 @@ class HPTTrainer(GRPOTrainer):
 
         metrics = self._metrics[mode]
         metrics["entropy"].append(global_mean(entropies, active))
-        if kl_bias is not None:
-            metrics["kl"].append(global_mean(kl_bias / self.beta, online_mask * (weights > 0).unsqueeze(1)))
+        if step.per_token_kl is not None:
+            metrics["kl"].append(global_mean(step.per_token_kl, online_mask * (weights > 0).unsqueeze(1)))
         rl_mask = online_mask * (weights > 0).unsqueeze(1)
         fractions = {}
         if self.online_spec.stabilization == "clip":
@@ -635,6 +624,21 @@ class HPTTrainer(GRPOTrainer):
             metrics["hpt/rl_loss"].append((totals[0] / has_any.clamp(min=1)).item())
             sft_values = -per_token_logps.detach()
             metrics["hpt/sft_loss"].append(global_mean(sft_values, mask * offline.unsqueeze(1)))
+
+
+class _LossStep(NamedTuple):
+    """The tensors of one loss pass that the metrics read."""
+
+    per_token_logps: torch.Tensor
+    mask: torch.Tensor
+    active: torch.Tensor
+    online_mask: torch.Tensor
+    offline: torch.Tensor
+    weights: torch.Tensor
+    entropies: torch.Tensor
+    ratio: torch.Tensor
+    advantages: torch.Tensor
+    per_token_kl: torch.Tensor | None
 
 
 _FORWARD_KEYS = (
