@@ -56,6 +56,7 @@ _PER_TOKEN_FILL = {
 # Multimodal inputs are not row-sliceable in one simple way; with them, the loss pass keeps every row.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes")
 _OFFLINE, _WEIGHT, _TOKEN_MEAN_TOKENS = "hpt_offline", "hpt_weight", "hpt_token_mean_tokens"
+_POLICY_ROWS = "hpt_policy_rows"
 
 
 def check_trl_version(version: str | None = None) -> None:
@@ -262,10 +263,13 @@ class HPTTrainer(GRPOTrainer):
         )
         tokens = mask.sum(-1).float()
         token_mean_rows = offline if self.offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
-        local_counts = torch.stack([tokens[~token_mean_rows].sum(), tokens[token_mean_rows].sum()])
+        local_counts = torch.stack(
+            [tokens[~token_mean_rows].sum(), tokens[token_mean_rows].sum(), (~token_mean_rows).sum().float()]
+        )
         global_counts = self.accelerator.reduce(local_counts, reduction="sum")
         output["num_items_in_batch"] = global_counts[0]
         output[_TOKEN_MEAN_TOKENS] = global_counts[1]
+        output[_POLICY_ROWS] = global_counts[2]
         output[_OFFLINE] = offline
         output[_WEIGHT] = weights
 
@@ -318,8 +322,7 @@ class HPTTrainer(GRPOTrainer):
         if "advantages" in output and self.offline_spec.advantage == "one":
             output["advantages"] = torch.where(offline, torch.ones_like(output["advantages"]), output["advantages"])
 
-    @staticmethod
-    def _pad_completion_width(output, width):
+    def _pad_completion_width(self, output, width):
         def pad_right(tensor, value):
             extra = width - tensor.size(1)
             if extra <= 0:
@@ -329,7 +332,11 @@ class HPTTrainer(GRPOTrainer):
         current = output["completion_ids"].size(1)
         output["completion_ids"] = pad_right(output["completion_ids"], 0)
         output["completion_mask"] = pad_right(output["completion_mask"], 0)
+        # A sequence-level vLLM ratio is (B, 1) at any width; with 1-token completions it would pass for per-token.
+        per_sequence = getattr(self, "vllm_importance_sampling_mode", "token").startswith("sequence")
         for key, fill in _PER_TOKEN_FILL.items():
+            if per_sequence and key == "importance_sampling_ratio":
+                continue
             tensor = output.get(key)
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.size(1) == current:
                 output[key] = pad_right(tensor, fill)
@@ -413,9 +420,17 @@ class HPTTrainer(GRPOTrainer):
         # Denominators come from the whole micro-batch, before zero-weight rows are dropped, so dropping them
         # changes neither the loss nor its gradient.
         accumulation = self.current_gradient_accumulation_steps if training else 1
+        num_policy_rows = float(policy_rows.sum())
+        if _POLICY_ROWS in inputs:
+            # Demonstrations leave the policy term unevenly across ranks and micro-batches, so a local row count
+            # (grpo, dr_grpo) would weight rows by where they landed; DDP averages ranks, so divide by the generation
+            # batch's count spread over processes and micro-batches (equal to the local count when no row is offline).
+            num_policy_rows = float(inputs[_POLICY_ROWS]) / self.accelerator.num_processes
+            if training:
+                num_policy_rows /= self.args.steps_per_generation
         policy_denominator = loss_type_denominator(
             self.loss_type,
-            num_rows=float(policy_rows.sum()),
+            num_rows=num_policy_rows,
             num_tokens=float(full_mask[policy_rows].sum()),
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs.get("num_items_in_batch"),
@@ -489,7 +504,10 @@ class HPTTrainer(GRPOTrainer):
         bias = None
         ratio_for_log = importance_ratio(self.online_spec, per_token_logps, old_per_token_logps, mask)
         if self.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
+            # Demonstration rows hold a fill value, not reference log-probs, and the term is not applied to them: a
+            # zero log-ratio there, since exp() of the fill can overflow and the zero gradient torch.where sends back
+            # through an inf is NaN.
+            ref = torch.where(online.unsqueeze(1), inputs["ref_per_token_logps"], per_token_logps.detach())
             per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
             if self.args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * ratio_for_log
@@ -612,16 +630,13 @@ class HPTTrainer(GRPOTrainer):
         # over steps_per_generation micro-batches cancels over a step); their mean over the window reads per step.
         undo = accumulation
         terms = torch.stack([result.policy_loss * undo, result.token_mean_loss * undo]).float()
-        has_rl = torch.tensor(float(bool(((~offline) & (weights > 0)).any())), device=mask.device)
-        has_sft = torch.tensor(float(bool((offline & (weights > 0)).any())), device=mask.device)
-        totals = reduce(torch.cat([terms * torch.stack([has_rl, has_sft]), torch.stack([has_rl, has_sft])]), "sum")
+        # Each rank's terms are its share of the global loss (global denominators spread over processes) and DDP
+        # averages the ranks, those without such rows included: the trained loss is the sum over ranks / processes.
+        totals = reduce(terms, "sum") / self.accelerator.num_processes
+        metrics["hpt/rl_loss"].append(totals[0].item())
         if self.offline_spec.aggregation == "token_mean":
-            metrics["hpt/rl_loss"].append((totals[0] / totals[2].clamp(min=1)).item())
-            metrics["hpt/sft_loss"].append((totals[1] / totals[3].clamp(min=1)).item())
+            metrics["hpt/sft_loss"].append(totals[1].item())
         else:
-            # LUFFY/SRFT: demonstration rows are part of the policy term; average over ranks that trained any row.
-            has_any = reduce(torch.stack([has_rl, has_sft]).max().reshape(1), "sum")
-            metrics["hpt/rl_loss"].append((totals[0] / has_any.clamp(min=1)).item())
             sft_values = -per_token_logps.detach()
             metrics["hpt/sft_loss"].append(global_mean(sft_values, mask * offline.unsqueeze(1)))
 

@@ -1,0 +1,182 @@
+"""The KL term (`beta > 0`) acts on rollout rows only (DESIGN 2.2, step 5).
+
+GRPOTrainer adds `beta * KL(pi_theta || pi_ref)` per token, estimated with the k3 estimator
+`exp(ref - lp) - (ref - lp) - 1` from the reference model's log-probs of the rollout. HPTTrainer applies it to rollout
+rows and not to demonstration rows (no reference pass is run for them): a demonstration row's gradient is the same
+with and without the KL term, and a rollout row's gradient changes by exactly the KL term's gradient, weighted and
+aggregated like the rest of the policy term.
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.conftest import tiny_model, train_args
+from trl_hpt import HPTTrainer
+from trl_hpt.demo import addition_rows
+
+
+G = 4
+BETA = 0.1
+PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
+# Correct rollouts per prompt, by position: the first two prompts are never solved (switch sends them to SFT).
+NUM_CORRECT = [0, 0, 2, 1]
+
+
+def slot_reward(rows):
+    correct = {row["prompt"]: k for row, k in zip(rows, NUM_CORRECT)}
+
+    def reward(prompts, completions, **kwargs):
+        return [1.0 if i % G < correct[p] else 0.2 * (i % G) for i, p in enumerate(prompts)]
+
+    return reward
+
+
+@pytest.fixture
+def model_dir(tmp_path, char_tokenizer):
+    # beta > 0 makes GRPOTrainer load the reference model from the policy's path: a local directory here.
+    path = tmp_path / "tiny"
+    tiny_model(char_tokenizer).save_pretrained(str(path))
+    return str(path)
+
+
+def make_trainer(tmp_path, tokenizer, model_dir, **overrides):
+    rows = addition_rows(PAIRS)
+    args = train_args(
+        tmp_path / "out", per_device_train_batch_size=len(rows) * G, num_generations=G, beta=BETA, **overrides
+    )
+    return HPTTrainer(
+        model=model_dir,
+        reward_funcs=slot_reward(rows),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+
+
+def generation_batch(trainer):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
+    rows = [dict(trainer.train_dataset[i]) for i in range(len(trainer.train_dataset))]
+    return trainer._generate_and_score_completions([r for r in rows for _ in range(G)])
+
+
+def loss_and_grads(trainer, batch, beta):
+    trainer.beta = beta
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+
+def explicit_kl(trainer, batch, rows, loss_type, bias_correction):
+    """
+    `beta * KL` over `rows`, weighted by `hpt_weight` and aggregated as the config's `loss_type` aggregates, times the
+    importance ratio `pi_theta / pi_old` with `use_bias_correction_kl` (value 1 on-policy, but not its gradient).
+    """
+    trainer.model.zero_grad()
+    mask = batch["completion_mask"].float()
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model,
+        torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+        batch["completion_ids"].size(1),
+    )
+    log_ratio = batch["ref_per_token_logps"][rows] - logps[rows]
+    per_token = BETA * (torch.exp(log_ratio) - log_ratio - 1) * mask[rows]
+    if bias_correction:
+        per_token = per_token * torch.exp(logps[rows] - logps[rows].detach())
+    weights = batch["hpt_weight"][rows]
+    policy_rows = ~batch["hpt_offline"]  # the sft preset's demonstrations form their own term
+    if loss_type == "dapo":
+        loss = (weights * per_token.sum(-1)).sum() / batch["num_items_in_batch"]
+    else:  # grpo: per-sequence token mean, over the policy rows of the batch
+        loss = (weights * per_token.sum(-1) / mask[rows].sum(-1).clamp(min=1)).sum() / policy_rows.sum()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+
+def assert_same(a, b, **tolerance):
+    torch.testing.assert_close(a[0], b[0], **tolerance)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
+def test_a_training_step_with_kl_runs_and_logs_it(tmp_path, char_tokenizer, model_dir):
+    trainer = make_trainer(tmp_path, char_tokenizer, model_dir, max_steps=2)
+    assert trainer.ref_model is not None
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"]])).all() for h in logs)
+    # The first step starts at the reference (KL 0); after one update the policy has moved away from it.
+    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[1]["kl"] > 0
+    assert logs[0]["hpt/sft_fraction"] == 0.5
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(trainer.model.parameters(), before))
+
+
+@pytest.mark.parametrize("bias_correction", [True, False], ids=["bias_correction", "plain"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, loss_type, bias_correction):
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, model_dir, loss_type=loss_type, use_bias_correction_kl=bias_correction
+    )
+    # Move the policy off the reference: at pi_theta = pi_ref the KL term and its gradient are zero.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = generation_batch(trainer)
+    offline, weights = batch["hpt_offline"], batch["hpt_weight"]
+    rollouts = ~offline & (weights > 0)
+    assert offline.sum() == 2 and rollouts.sum() == 2 * G
+
+    # Demonstration rows alone: the KL term changes neither loss nor gradient.
+    demos = dict(batch, hpt_weight=torch.where(offline, weights, torch.zeros_like(weights)))
+    with_kl, without_kl = loss_and_grads(trainer, demos, BETA), loss_and_grads(trainer, demos, 0.0)
+    assert without_kl[0] > 0
+    assert_same(with_kl, without_kl, atol=0, rtol=0)
+
+    # Rollout rows alone, and the whole batch: the KL term adds exactly beta * KL over the rollouts.
+    kl = explicit_kl(trainer, batch, rollouts, loss_type, bias_correction)
+    assert kl[0] > 0 and any(g.abs().max() > 0 for g in kl[1])
+    online = dict(batch, hpt_weight=torch.where(offline, torch.zeros_like(weights), weights))
+    for inputs in (online, batch):
+        with_kl, without_kl = loss_and_grads(trainer, inputs, BETA), loss_and_grads(trainer, inputs, 0.0)
+        difference = (with_kl[0] - without_kl[0], [a - b for a, b in zip(with_kl[1], without_kl[1])])
+        assert_same(difference, kl, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_term_gives_finite_gradients_on_improbable_demonstrations(tmp_path, char_tokenizer):
+    """
+    Demonstrations have no reference log-probs (their slots hold a fill value). The KL term must not be evaluated on
+    them in a way that overflows: with a token log-prob below about -88, `exp(ref - lp)` is inf in float32, and the
+    zero gradient that masks the row out becomes `0 * inf = NaN`.
+    """
+    # A very confident model: scaled (tied) embeddings give logits in the hundreds, so most tokens, the
+    # demonstrations' included, have log-probs far below -88.
+    model = tiny_model(char_tokenizer)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(300)
+    path = tmp_path / "confident"
+    model.save_pretrained(str(path))
+    trainer = make_trainer(tmp_path, char_tokenizer, str(path), loss_type="dapo")
+    batch = generation_batch(trainer)
+    offline = batch["hpt_offline"]
+    assert offline.any()
+
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model,
+        torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+        batch["completion_ids"].size(1),
+    )
+    assert logps[offline][batch["completion_mask"][offline].bool()].min() < -100
+
+    loss, grads = loss_and_grads(trainer, batch, BETA)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads)
+    # And the term still leaves the demonstrations' gradient as it is without KL.
+    demos = dict(batch, hpt_weight=torch.where(offline, batch["hpt_weight"], torch.zeros_like(batch["hpt_weight"])))
+    assert_same(loss_and_grads(trainer, demos, BETA), loss_and_grads(trainer, demos, 0.0), atol=0, rtol=0)
