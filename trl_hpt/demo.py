@@ -15,6 +15,7 @@ import os
 import random
 import string
 import time
+import warnings
 from dataclasses import dataclass
 
 
@@ -198,6 +199,8 @@ def run_demo(args: DemoArguments | None = None) -> dict:
     from trl_hpt import HPTConfig, HPTTrainer
 
     args = args or DemoArguments()
+    # transformers' deprecation notices about its own internals are noise in a demo's output
+    warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.time()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     tokenizer = build_char_tokenizer(chat_template=False)
