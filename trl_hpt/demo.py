@@ -1,9 +1,11 @@
 """The embedded default run: HPT on a tiny model and a synthetic arithmetic task, on CPU, with nothing to download.
 
-A character-level tokenizer and a tiny Qwen2-style model are built in memory. The model is warm-started by a short
-SFT on single-digit additions only, so it solves those but not sums of larger numbers. HPT then trains on a mix: the
-prompts it already solves go to RL, those it cannot solve are learnt from their demonstrations. Held-out greedy
-accuracy is printed before and after, along with the share of prompts sent to SFT at each step.
+A character-level tokenizer and a tiny Qwen2-style model are built in memory. The task is `a+b=` for a, b < 30
+(written fixed-width), split into disjoint held-out, warm-up and training problems. A short SFT on the warm-up
+problems leaves the model at partial competence: it solves about half of the unseen sums, mostly those without a
+carry. HPT then trains on the rest: prompts with at least one correct rollout go to RL, prompts no rollout solves are
+learnt from their demonstrations. Held-out greedy accuracy is printed before and after, with the share of prompts
+sent to SFT over training.
 
 Run it with `trl-hpt demo` (or `python -m trl_hpt.demo`).
 """
@@ -125,7 +127,7 @@ class DemoArguments:
     seed: int = 0
     max_operand: int = 30
     warmup_problems: int = 400
-    warmup_steps: int = 600
+    warmup_steps: int = 900
     hpt_steps: int = 200
     num_generations: int = 8
     prompts_per_step: int = 8
@@ -160,7 +162,7 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int = 4) -> float:
 
 
 def warm_start(model, tokenizer, pairs, steps: int, lr: float, seed: int):
-    """A short SFT on easy problems: cross-entropy on the answer and EOS, the prompt as context."""
+    """A short SFT on `pairs`: cross-entropy on the answer and EOS, the prompt as context."""
     import torch
 
     torch.manual_seed(seed)
@@ -169,9 +171,10 @@ def warm_start(model, tokenizer, pairs, steps: int, lr: float, seed: int):
     model.train()
     for _ in range(steps):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(32)]
-        prompts = [tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"] for a, b in batch]
+        rows = addition_rows(batch)  # the same fixed-width format HPT trains and evaluates on
+        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
         answers = [
-            tokenizer(str(a + b), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a, b in batch
+            tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows
         ]
         width = max(len(p) + len(c) for p, c in zip(prompts, answers))
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)

@@ -1,0 +1,165 @@
+"""Helpers shared by the benchmark scripts: environment, provenance, statistics and Markdown tables.
+
+Only the standard library is imported at module level, so the pure helpers (`pass_at_k`, `markdown_table`,
+`summarize`) are cheap to import and to test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def setup_environment(num_threads: int | None = None) -> None:
+    """Offline, quiet, and a fixed number of intra-op threads, so that runs are comparable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_DISABLED", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(num_threads or max(1, min(2, os.cpu_count() or 1)))
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "trl", "trl_hpt", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with `+dirty` when the working tree has uncommitted changes (so numbers can be traced)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Date, machine, library versions and commit: what a reader needs to compare two benchmark tables."""
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "commit": git_commit(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def machine_line(info: dict) -> str:
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (
+        f"{info['date']}, {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}, "
+        f"torch {info['torch']}, trl {info['trl']}, transformers {info['transformers']}, commit {info['commit']}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """
+    Unbiased pass@k from `n` samples of which `c` are correct: `1 - C(n - c, k) / C(n, k)` (Chen et al., 2021).
+
+    Computed as a running product, which stays exact where the binomials would overflow.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Median, mean, sample std, min and max of a list of measurements."""
+    values = [float(v) for v in values]
+    if not values:
+        return {"n": 0, "median": math.nan, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+    """
+    A GitHub Markdown table. Cells are converted with `str`; `align` is one character per column (`l`, `r`, `c`),
+    default: first column left, the others right.
+    """
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers):
+        raise ValueError(f"align has {len(align)} entries for {len(headers)} columns")
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells for {len(headers)} columns")
+    rule = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = [
+        "| " + " | ".join(str(h) for h in headers) + " |",
+        "|" + "|".join(rule[a] for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -> None:
+    """Writes `payload` as JSON; `indent=None` writes it on one line (the learning results hold long histories)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    separators = (",", ":") if indent is None else None
+    path.write_text(json.dumps(payload, indent=indent, separators=separators) + "\n")

@@ -1,0 +1,858 @@
+"""The paper's comparison (SFT, GRPO, SFT->GRPO, LUFFY, SRFT, HPT) at toy scale, on CPU, with nothing to download.
+
+**Task.** Two-digit addition, `"27+45="` -> `"72"`, with `a, b` in `[0, 50)`: prompts and answers have a fixed width,
+so no prompt is ever padded (left padding would shift positions between generation and training). Every problem comes
+with its demonstration (the answer). A fixed split (seed 0) sets aside `held_out` problems for evaluation; the others
+are the post-training prompts.
+
+**Partial competence.** A tiny Qwen2-style model (random init) is warm-started by SFT on the *no-carry* post-training
+problems only (units digits summing to less than 10). It then solves held-out no-carry problems but none with a carry
+(about 45% of problems): its rollouts on those are never correct, so RL alone has no signal there, while SFT on
+demonstrations does. This is the regime HPT is designed for: some prompts solvable (RL), others not (SFT).
+
+**Methods**, each from the same warm-started weights, with the same number of optimizer steps, the same prompts per
+step, the same rollouts per prompt and the same generation length (so the same generation budget: the table reports
+the completion tokens each method actually generated):
+
+- `sft`: `HPTTrainer(feedback="sft")`; `sft_trl`: TRL's `SFTTrainer` on the same demonstrations, the same number of
+  demonstrations per step (it generates nothing);
+- `grpo`: `HPTTrainer(feedback="rl")`; `grpo_trl`: TRL's `GRPOTrainer` (these two are the same run numerically);
+- `sft_grpo`: half the steps `feedback="sft"`, then half `feedback="rl"` (a fresh optimizer, as in an SFT -> RL pipeline);
+- `luffy`: `feedback="soft", offline_loss="luffy"`; `srft`: `feedback="soft", offline_loss="srft"`;
+- `hpt`: `feedback="switch", switch_gate=0`.
+
+**Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
+`scale_rewards="none"`, no KL, one update per generation batch, `sft_loss_coef=1.0`), AdamW with one constant learning
+rate for all (see `LearningSettings.learning_rate`), and a second learning rate for SFT, GRPO and HPT to show how much
+the ranking depends on it.
+
+**Metrics** on the held-out problems: greedy accuracy (all, with-carry, no-carry), and pass@k for k = 1, 4 from `n`
+sampled completions per problem at the training temperature (unbiased estimator `1 - C(n-c, k) / C(n, k)`), mean and
+std over seeds; held-out greedy accuracy over training steps; HPT's share of prompts sent to SFT per step.
+
+Usage:
+
+    python benchmarks/learning.py                 # 5 seeds, every method: under 30 minutes on 2 shared CPU cores
+    python benchmarks/learning.py --quick         # smoke test: 1 seed, a few steps
+    python benchmarks/learning.py --methods hpt sft --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine_info,
+    machine_line,
+    markdown_table,
+    pass_at_k,
+    setup_environment,
+    write_json,
+)
+
+
+METHODS = {
+    "sft": 'SFT (`feedback="sft"`)',
+    "sft_trl": "SFT (TRL `SFTTrainer`)",
+    "grpo": 'GRPO (`feedback="rl"`)',
+    "grpo_trl": "GRPO (TRL `GRPOTrainer`)",
+    "sft_grpo": "SFT -> GRPO (half each)",
+    "luffy": "LUFFY (`soft`, `luffy`)",
+    "srft": "SRFT (`soft`, `srft`)",
+    "hpt": "HPT (`switch`, gate 0)",
+}
+
+
+@dataclass
+class LearningSettings:
+    """Every knob of the benchmark; `quick()` shrinks it to a smoke test."""
+
+    seeds: int = 5
+    # Task
+    max_operand: int = 50
+    held_out: int = 128
+    # Model and warm start
+    hidden_size: int = 64
+    num_layers: int = 2
+    warmup_steps: int = 300
+    warmup_lr: float = 2e-3
+    warmup_batch: int = 32
+    # Post-training (the same for every method)
+    steps: int = 300
+    prompts_per_step: int = 8
+    num_generations: int = 8
+    max_completion_length: int = 4
+    # One rate for every method: the largest of {1e-4, 3e-4, 1e-3} at which pure GRPO does not degrade the warm start
+    # (at 1e-3 Adam makes RL unstable here; at 1e-4 SFT barely learns the carry). See docs/benchmarks.md.
+    learning_rate: float = 3e-4
+    temperature: float = 1.0
+    sft_loss_coef: float = 1.0
+    # Evaluation
+    eval_every: int = 25
+    eval_samples: int = 8
+    pass_k: tuple[int, ...] = (1, 4)
+    # A second learning rate for a few methods, to show how much the ranking depends on it (None: skipped).
+    sensitivity_lr: float | None = 1e-3
+    sensitivity_methods: tuple[str, ...] = ("sft", "grpo", "hpt")
+
+    @classmethod
+    def quick(cls) -> LearningSettings:
+        return cls(
+            seeds=1,
+            held_out=32,
+            warmup_steps=40,
+            steps=4,
+            prompts_per_step=4,
+            num_generations=4,
+            eval_every=2,
+            eval_samples=4,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Task
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def prompt_text(a: int, b: int) -> str:
+    return f"{a:02d}+{b:02d}="
+
+
+def answer_text(a: int, b: int, max_operand: int = 50) -> str:
+    width = len(str(2 * (max_operand - 1)))
+    return f"{a + b:0{width}d}"
+
+
+def has_carry(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def task_split(max_operand: int, held_out: int, seed: int = 0) -> dict[str, list[tuple[int, int]]]:
+    """Held-out problems, post-training problems, and the no-carry part of the latter (the warm-start set)."""
+    pairs = [(a, b) for a in range(max_operand) for b in range(max_operand)]
+    random.Random(seed).shuffle(pairs)
+    held, train = pairs[:held_out], pairs[held_out:]
+    return {"held_out": held, "train": train, "warm_start": [p for p in train if not has_carry(*p)]}
+
+
+def task_rows(pairs, max_operand: int = 50) -> list[dict]:
+    """Prompt / demonstration (`completion`) / `solution` rows: the format HPTTrainer and SFTTrainer both read."""
+    rows = []
+    for a, b in pairs:
+        answer = answer_text(a, b, max_operand)
+        rows.append({"prompt": prompt_text(a, b), "completion": answer, "solution": answer})
+    return rows
+
+
+def exact_match(completions, solution, **kwargs) -> list[float]:
+    """Verifier: 1.0 when the completion is exactly the answer."""
+    return [float(str(c).strip() == str(s)) for c, s in zip(completions, solution)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Warm start and evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def warm_start(model, tokenizer, pairs, settings: LearningSettings, seed: int):
+    """SFT on `pairs`: cross-entropy on the answer and EOS, prompt as context; fixed width, so no padding."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.warmup_lr)
+    model.train()
+    prompt_len = len(prompt_text(0, 0))
+    for _ in range(settings.warmup_steps):
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(settings.warmup_batch)]
+        ids = torch.tensor(
+            [
+                tokenizer(prompt_text(a, b) + answer_text(a, b, settings.max_operand), add_special_tokens=False)[
+                    "input_ids"
+                ]
+                + [tokenizer.eos_token_id]
+                for a, b in batch
+            ]
+        )
+        labels = ids.clone()
+        labels[:, :prompt_len] = -100
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def _generate(model, tokenizer, pairs, max_new_tokens: int, **kwargs) -> list[str]:
+    import torch
+
+    ids = torch.tensor([tokenizer(prompt_text(a, b), add_special_tokens=False)["input_ids"] for a, b in pairs])
+    ids = ids.to(model.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+    model.train(was_training)
+    return tokenizer.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True)
+
+
+def greedy_correct(model, tokenizer, pairs, settings: LearningSettings) -> list[bool]:
+    texts = _generate(model, tokenizer, pairs, settings.max_completion_length, do_sample=False)
+    return [t.strip() == answer_text(a, b, settings.max_operand) for t, (a, b) in zip(texts, pairs)]
+
+
+def sampled_correct_counts(model, tokenizer, pairs, settings: LearningSettings, seed: int) -> list[int]:
+    """Number of correct completions among `eval_samples` sampled per problem, at the training temperature."""
+    import torch
+
+    n = settings.eval_samples
+    torch.manual_seed(seed)
+    texts = _generate(
+        model,
+        tokenizer,
+        pairs,
+        settings.max_completion_length,
+        do_sample=True,
+        temperature=settings.temperature,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=n,
+    )
+    return [
+        sum(texts[i * n + j].strip() == answer_text(a, b, settings.max_operand) for j in range(n))
+        for i, (a, b) in enumerate(pairs)
+    ]
+
+
+def evaluate(model, tokenizer, pairs, settings: LearningSettings, seed: int) -> dict:
+    greedy = greedy_correct(model, tokenizer, pairs, settings)
+    counts = sampled_correct_counts(model, tokenizer, pairs, settings, seed)
+    carry = [has_carry(*p) for p in pairs]
+
+    def share(values):
+        values = list(values)
+        return sum(values) / len(values) if values else float("nan")
+
+    result = {
+        "greedy": share(greedy),
+        "greedy_carry": share(g for g, c in zip(greedy, carry) if c),
+        "greedy_no_carry": share(g for g, c in zip(greedy, carry) if not c),
+    }
+    for k in settings.pass_k:
+        result[f"pass@{k}"] = share(pass_at_k(settings.eval_samples, c, k) for c in counts)
+        result[f"pass@{k}_carry"] = share(pass_at_k(settings.eval_samples, c, k) for c, y in zip(counts, carry) if y)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Methods
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _History:
+    """Callback: held-out greedy accuracy every `eval_every` steps (greedy decoding draws no random numbers, so it
+    leaves training untouched) and HPT's gate metrics from the logs."""
+
+    def __init__(self, tokenizer, pairs, settings: LearningSettings, step_offset: int = 0):
+        from transformers import TrainerCallback
+
+        history = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % settings.eval_every == 0 or state.global_step == state.max_steps:
+                    correct = greedy_correct(model, tokenizer, pairs, settings)
+                    history.curve.append((step_offset + state.global_step, sum(correct) / len(correct)))
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "hpt/sft_fraction" in logs:
+                    history.gate.append(
+                        (
+                            step_offset + state.global_step,
+                            logs["hpt/sft_fraction"],
+                            logs.get("hpt/prompt_accuracy", float("nan")),
+                        )
+                    )
+                if logs and "completions/mean_length" in logs:
+                    history.generated_tokens += logs["completions/mean_length"] * history.rows_per_step
+
+        self.callback = _Callback()
+        self.curve: list[tuple[int, float]] = []
+        self.gate: list[tuple[int, float, float]] = []
+        self.generated_tokens = 0.0
+        self.rows_per_step = settings.prompts_per_step * settings.num_generations
+
+
+def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:
+    """The settings every generating method shares: the paper's HPT recipe (DESIGN 4) at toy scale."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        beta=0.0,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        gradient_checkpointing=False,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo=False, **hpt_fields):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_hpt import HPTConfig, HPTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        values = _grpo_values(settings, tmp, steps, seed)
+        if trl_grpo:
+            trainer = GRPOTrainer(
+                model=model,
+                reward_funcs=exact_match,
+                args=GRPOConfig(**values),
+                train_dataset=dataset.remove_columns("completion"),
+                processing_class=tokenizer,
+                callbacks=[history.callback],
+            )
+        else:
+            trainer = HPTTrainer(
+                model=model,
+                reward_funcs=exact_match,
+                args=HPTConfig(sft_loss_coef=settings.sft_loss_coef, **hpt_fields, **values),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[history.callback],
+            )
+        trainer.train()
+    return trainer
+
+
+def _run_sft_trl(model, tokenizer, dataset, settings, seed, steps, history):
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            # The same demonstrations per step as feedback="sft" trains on: one per prompt.
+            per_device_train_batch_size=settings.prompts_per_step,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            gradient_checkpointing=False,
+            max_steps=steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=seed,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset.select_columns(["prompt", "completion"]),
+            processing_class=tokenizer,
+            callbacks=[history.callback],
+        )
+        trainer.train()
+    return trainer
+
+
+def run_method(method: str, model, tokenizer, dataset, held_out, settings: LearningSettings, seed: int) -> dict:
+    """Trains `model` in place with `method`; returns its curve, gate history and generated-token count."""
+    steps = settings.steps
+    history = _History(tokenizer, held_out, settings)
+    if method == "sft":
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="sft")
+    elif method == "sft_trl":
+        _run_sft_trl(model, tokenizer, dataset, settings, seed, steps, history)
+    elif method == "grpo":
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="rl")
+    elif method == "grpo_trl":
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo=True)
+    elif method == "sft_grpo":
+        first = steps // 2
+        _run_hpt(model, tokenizer, dataset, settings, seed, first, history, feedback="sft")
+        second = _History(tokenizer, held_out, settings, step_offset=first)
+        # Another data seed for the RL half, so it does not replay the SFT half's prompts in the same order.
+        _run_hpt(model, tokenizer, dataset, settings, seed + 10_000, steps - first, second, feedback="rl")
+        history.curve += second.curve
+        history.gate += second.gate
+        history.generated_tokens += second.generated_tokens
+    elif method == "luffy":
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="soft", offline_loss="luffy")
+    elif method == "srft":
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="soft", offline_loss="srft")
+    elif method == "hpt":
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="switch", switch_gate=0.0)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return {"curve": history.curve, "gate": history.gate, "generated_tokens": round(history.generated_tokens)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSettings, seed: int) -> dict:
+    """
+    Norms of the gradients of the two terms of the hybrid loss on one batch, from the warm-started weights.
+
+    One generation batch of `prompts_per_step` training prompts (half with a carry) is built per method, then the loss
+    is evaluated twice with the weights of the other term's rows set to zero: the denominators stay those of the whole
+    micro-batch, so the two gradients add up to the full one. With Adam the update follows the sum, so a term whose
+    gradient is much smaller barely steers training.
+    """
+    import torch
+
+    from trl_hpt import HPTConfig, HPTTrainer
+
+    carry = [i for i, row in enumerate(dataset) if has_carry(int(row["prompt"][:2]), int(row["prompt"][3:5]))]
+    no_carry = [i for i in range(len(dataset)) if i not in set(carry)]
+    half = settings.prompts_per_step // 2
+    chosen = dataset.select(carry[:half] + no_carry[: settings.prompts_per_step - half])
+    out = {}
+    for name, fields in (
+        ("hpt", {"feedback": "switch"}),
+        ("luffy", {"feedback": "soft", "offline_loss": "luffy"}),
+        ("srft", {"feedback": "soft", "offline_loss": "srft"}),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            values = _grpo_values(settings, tmp, 1, seed)
+            values["per_device_train_batch_size"] = len(chosen) * settings.num_generations
+            trainer = HPTTrainer(
+                model=copy.deepcopy(model),
+                reward_funcs=exact_match,
+                args=HPTConfig(sft_loss_coef=settings.sft_loss_coef, **fields, **values),
+                train_dataset=chosen,
+                processing_class=tokenizer,
+            )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
+        rows = [dict(trainer.train_dataset[i]) for i in range(len(chosen))]
+        torch.manual_seed(seed)
+        batch = trainer._generate_and_score_completions(
+            [dict(r) for r in rows for _ in range(settings.num_generations)]
+        )
+        offline = batch["hpt_offline"]
+        norms = {}
+        for term, keep in (("online", ~offline), ("offline", offline)):
+            partial = dict(batch)
+            partial["hpt_weight"] = batch["hpt_weight"] * keep
+            trainer.model.zero_grad(set_to_none=True)
+            trainer._compute_loss(trainer.model, partial).backward()
+            grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
+            norms[term] = float(torch.cat(grads).norm()) if grads else 0.0
+        online_rows = (~offline) & (batch["hpt_weight"] > 0)
+        out[name] = {
+            "online_grad_norm": norms["online"],
+            "offline_grad_norm": norms["offline"],
+            "prompts_to_sft": int(offline.sum()),
+            "online_rows": int(online_rows.sum()),
+            "online_rows_nonzero_advantage": int((online_rows & (batch["advantages"].abs() > 0)).sum()),
+        }
+        if name == "hpt":
+            out["demonstration_tokens"] = _demonstration_token_weights(trainer, batch, settings)
+        del trainer
+    return out
+
+
+def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> dict:
+    """
+    Probability the warm-started model gives the tokens of the placed demonstrations, and the weight each offline
+    estimator puts on `grad log p` of such a token: SFT 1, SRFT `p`, LUFFY `gamma p / (p + gamma)^2` (DESIGN 1.1).
+    """
+    import torch
+
+    offline = batch["hpt_offline"]
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"][offline], batch["completion_ids"][offline]], dim=1)
+        attention = torch.cat([batch["prompt_mask"][offline], batch["completion_mask"][offline]], dim=1)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, attention, batch["completion_ids"].size(1)
+        )
+    mask = batch["completion_mask"][offline].bool()
+    p = logps.exp()[mask]
+    gamma = trainer.args.offline_shaping_gamma
+    return {
+        "num_tokens": int(mask.sum()),
+        "median_p": float(p.median()),
+        "mean_p": float(p.mean()),
+        "mean_weight_sft": 1.0,
+        "mean_weight_srft": float(p.mean()),
+        "mean_weight_luffy": float((gamma * p / (p + gamma) ** 2).mean()),
+        # The denominators the two aggregations divide by in this batch: token mean vs dr_grpo's rows x max length.
+        "sft_denominator_tokens": int(mask.sum()),
+        "dr_grpo_denominator": int(batch["completion_ids"].size(0) * settings.max_completion_length),
+    }
+
+
+def run(settings: LearningSettings, methods: list[str]) -> dict:
+    from datasets import Dataset
+
+    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
+
+    tokenizer = build_char_tokenizer(chat_template=False)
+    split = task_split(settings.max_operand, settings.held_out)
+    dataset = Dataset.from_list(task_rows(split["train"], settings.max_operand))
+    held_out = split["held_out"]
+    results = {"split": {k: len(v) for k, v in split.items()}, "seeds": {}}
+    results["split"]["held_out_with_carry"] = sum(has_carry(*p) for p in held_out)
+    sensitivity = None
+    if settings.sensitivity_lr is not None:
+        sensitivity = dataclasses.replace(settings, learning_rate=settings.sensitivity_lr)
+    for seed in range(settings.seeds):
+        start = time.time()
+        model = build_tiny_model(tokenizer, settings.hidden_size, settings.num_layers, seed=seed)
+        warm_start(model, tokenizer, split["warm_start"], settings, seed)
+        state = copy.deepcopy(model.state_dict())
+        per_seed = {"warm_start": evaluate(model, tokenizer, held_out, settings, seed=1000 + seed)}
+        per_seed["warm_start_seconds"] = time.time() - start
+        print(
+            f"[learning] seed {seed} warm start ({per_seed['warm_start_seconds']:.0f}s): {_brief(per_seed['warm_start'])}"
+        )
+        if seed == 0:
+            results["gradient_scale"] = gradient_scale_diagnostic(model, tokenizer, dataset, settings, seed)
+            print(f"[learning] gradient norms of the loss terms at the warm start: {results['gradient_scale']}")
+        runs = [("methods", settings, m) for m in methods]
+        if sensitivity is not None:
+            runs += [("sensitivity", sensitivity, m) for m in settings.sensitivity_methods]
+        for group, method_settings, method in runs:
+            start = time.time()
+            model.load_state_dict(state)
+            record = run_method(method, model, tokenizer, dataset, held_out, method_settings, seed)
+            record["final"] = evaluate(model, tokenizer, held_out, method_settings, seed=1000 + seed)
+            record["curve"] = [(0, per_seed["warm_start"]["greedy"]), *record["curve"]]
+            record["seconds"] = time.time() - start
+            per_seed.setdefault(group, {})[method] = record
+            label = method if group == "methods" else f"{method}@lr={method_settings.learning_rate:g}"
+            print(
+                f"[learning] seed {seed} {label:9s} ({record['seconds']:.0f}s): {_brief(record['final'])}", flush=True
+            )
+        results["seeds"][seed] = per_seed
+    return results
+
+
+def _brief(metrics: dict) -> str:
+    return (
+        f"greedy {metrics['greedy']:.2f} (carry {metrics['greedy_carry']:.2f}, no carry "
+        f"{metrics['greedy_no_carry']:.2f}), "
+        + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("pass@") and "_" not in k)
+    )
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: dict, methods: list[str], group: str = "methods") -> dict:
+    """Mean and std over seeds of every final metric, per method (and for the warm start)."""
+    seeds = list(results["seeds"].values())
+    keys = list(seeds[0]["warm_start"].keys())
+    out = {"warm_start": {k: _mean_std(s["warm_start"][k] for s in seeds) for k in keys}}
+    for method in methods:
+        records = [s[group][method] for s in seeds]
+        out[method] = {k: _mean_std(r["final"][k] for r in records) for k in keys}
+        out[method]["generated_tokens"] = _mean_std(r["generated_tokens"] for r in records)
+        out[method]["seconds"] = _mean_std(r["seconds"] for r in records)
+        gates = [r["gate"] for r in records if r["gate"]]
+        if gates:
+            first = [statistics.fmean(g[1] for g in gate[: max(1, len(gate) // 10)]) for gate in gates]
+            last = [statistics.fmean(g[1] for g in gate[-max(1, len(gate) // 10) :]) for gate in gates]
+            out[method]["sft_fraction_first_10pct"] = _mean_std(first)
+            out[method]["sft_fraction_last_10pct"] = _mean_std(last)
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    settings, agg, methods = report["settings"], report["aggregate"], report["methods"]
+    split = report["results"]["split"]
+    ks = settings["pass_k"]
+    lines = [
+        f"Machine: {machine_line(report['machine'])}. Whole run: {report['seconds'] / 60:.1f} min.",
+        "",
+        f"Task: `aa+bb=` -> `cc`, a, b in [0, {settings['max_operand']}); {split['train']} post-training prompts, "
+        f"{split['held_out']} held-out ({split['held_out_with_carry']} with a carry). Model: Qwen2-style, hidden "
+        f"{settings['hidden_size']}, {settings['num_layers']} layers, warm-started {settings['warmup_steps']} steps "
+        f"(lr {settings['warmup_lr']}, batch {settings['warmup_batch']}) on the {split['warm_start']} no-carry "
+        f"post-training problems. Every method: {settings['steps']} optimizer steps from the warm start, "
+        f"{settings['prompts_per_step']} prompts per step, {settings['num_generations']} rollouts per prompt "
+        f"(up to {settings['max_completion_length']} tokens, temperature {settings['temperature']}), AdamW lr "
+        f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, no KL, '
+        f"`sft_loss_coef={settings['sft_loss_coef']}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
+        f"from {settings['eval_samples']} samples per problem at temperature {settings['temperature']}.",
+        "",
+    ]
+
+    lines.append(method_table(agg, methods, ks))
+    lines += [
+        "",
+        "Accuracies in %, mean +- std over seeds. Generated tokens: completion tokens sampled during post-training "
+        "(mean over seeds; TRL's SFTTrainer samples none). SFT share: HPT's `hpt/sft_fraction`, the share of prompts "
+        "sent to SFT, averaged over the first and the last 10% of the steps.",
+    ]
+    if "aggregate_sensitivity" in report:
+        sensitivity = report["aggregate_sensitivity"]
+        lines += [
+            "",
+            f"Learning-rate sensitivity: the same runs with lr {settings['sensitivity_lr']} instead of "
+            f"{settings['learning_rate']}:",
+            "",
+            method_table(sensitivity, list(settings["sensitivity_methods"]), ks),
+        ]
+    if "gradient_scale" in report["results"]:
+        rows = []
+        for name, d in report["results"]["gradient_scale"].items():
+            if name == "demonstration_tokens":
+                continue
+            ratio = d["offline_grad_norm"] / d["online_grad_norm"] if d["online_grad_norm"] > 0 else float("inf")
+            rows.append(
+                [
+                    name,
+                    d["prompts_to_sft"],
+                    f"{d['online_rows_nonzero_advantage']}/{d['online_rows']}",
+                    f"{d['online_grad_norm']:.4f}",
+                    f"{d['offline_grad_norm']:.4f}",
+                    f"{ratio:.1f}",
+                ]
+            )
+        lines += [
+            "",
+            f"Gradient norms of the two loss terms on one batch at the warm start (seed 0, {settings['prompts_per_step']} "
+            "training prompts, half with a carry):",
+            "",
+            markdown_table(
+                [
+                    "method",
+                    "demonstrations placed",
+                    "rollout rows with A != 0",
+                    "RL term grad norm",
+                    "demonstration term grad norm",
+                    "ratio",
+                ],
+                rows,
+            ),
+        ]
+        tokens = report["results"]["gradient_scale"].get("demonstration_tokens")
+        if tokens:
+            lines += [
+                "",
+                f"Tokens of the demonstrations HPT placed in that batch ({tokens['num_tokens']}): the warm-started model "
+                f"gives them probability p with median {tokens['median_p']:.2g} (mean {tokens['mean_p']:.2g}). The "
+                f"mean weight on `grad log p` is 1 for SFT, {tokens['mean_weight_srft']:.2g} for SRFT (`p`) and "
+                f"{tokens['mean_weight_luffy']:.2g} for LUFFY (`gamma p / (p + gamma)^2`); SFT divides by the "
+                f"{tokens['sft_denominator_tokens']} demonstration tokens, LUFFY and SRFT by dr_grpo's "
+                f"{tokens['dr_grpo_denominator']} (rows x max completion length).",
+            ]
+    if "paired" in report:
+        lines += [
+            "",
+            "HPT minus each method, paired by seed (same warm start), mean +- std over seeds, in points:",
+            "",
+            markdown_table(
+                ["method", "greedy", "greedy, carry", "greedy, no carry", "pass@4", "HPT ahead (greedy)"],
+                [
+                    [
+                        METHODS[m],
+                        *(f"{100 * d[k][0]:+.1f} +- {100 * d[k][1]:.1f}" for k in PAIRED_METRICS),
+                        f"{d['wins']}/{d['n']} seeds",
+                    ]
+                    for m, d in report["paired"].items()
+                ],
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+PAIRED_METRICS = ("greedy", "greedy_carry", "greedy_no_carry", "pass@4")
+
+
+def paired_differences(results: dict, methods: list[str], reference: str = "hpt") -> dict:
+    """`reference` minus every other method, seed by seed (they share the warm start)."""
+    seeds = list(results["seeds"].values())
+    out = {}
+    for method in methods:
+        if method == reference:
+            continue
+        diffs = {
+            k: [s["methods"][reference]["final"][k] - s["methods"][method]["final"][k] for s in seeds]
+            for k in PAIRED_METRICS
+        }
+        out[method] = {k: _mean_std(v) for k, v in diffs.items()}
+        out[method]["wins"] = sum(d > 0 for d in diffs["greedy"])
+        out[method]["n"] = len(seeds)
+    return out
+
+
+def method_table(agg: dict, methods: list[str], ks) -> str:
+    def cell(metric, method):
+        mean, std = agg[method][metric]
+        return f"{100 * mean:.1f} +- {100 * std:.1f}"
+
+    headers = ["method", "greedy", "greedy, carry", "greedy, no carry"]
+    headers += [f"pass@{k}" for k in ks] + [f"pass@{k}, carry" for k in ks]
+    headers += ["generated tokens", "SFT share (first/last 10%)", "s/run"]
+    rows = []
+    for method in ["warm_start", *methods]:
+        row = [METHODS.get(method, "warm start (before post-training)")]
+        row += [cell(m, method) for m in ("greedy", "greedy_carry", "greedy_no_carry")]
+        row += [cell(f"pass@{k}", method) for k in ks] + [cell(f"pass@{k}_carry", method) for k in ks]
+        if method == "warm_start":
+            row += ["", "", ""]
+        else:
+            row.append(f"{agg[method]['generated_tokens'][0]:.0f}")
+            if "sft_fraction_first_10pct" in agg[method]:
+                first, last = agg[method]["sft_fraction_first_10pct"][0], agg[method]["sft_fraction_last_10pct"][0]
+                row.append(f"{first:.2f} / {last:.2f}")
+            else:
+                row.append("")
+            row.append(f"{agg[method]['seconds'][0]:.0f}")
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, agg = report["methods"], report["aggregate"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    names = ["warm_start", *methods]
+    x = range(len(names))
+    width = 0.27
+    for offset, (metric, label) in zip(
+        (-width, 0.0, width), (("greedy", "greedy"), ("greedy_carry", "greedy, carry"), ("pass@4", "pass@4"))
+    ):
+        means = [100 * agg[m][metric][0] for m in names]
+        stds = [100 * agg[m][metric][1] for m in names]
+        left.bar([i + offset for i in x], means, width, yerr=stds, capsize=3, label=label)
+    left.set_xticks(list(x))
+    left.set_xticklabels(["warm start", *methods], rotation=30, ha="right")
+    left.set_ylabel("held-out accuracy (%)")
+    left.set_ylim(0, 105)
+    left.set_title(f"Final held-out accuracy, mean +- std over {report['settings']['seeds']} seed(s)")
+    left.legend(loc="upper left")
+    seeds = list(report["results"]["seeds"].values())
+    for method in methods:
+        curves = [s["methods"][method]["curve"] for s in seeds]
+        steps = [p[0] for p in curves[0]]
+        values = [[p[1] for p in c] for c in curves]
+        mean = [statistics.fmean(v) * 100 for v in zip(*values)]
+        std = [(statistics.stdev(v) if len(v) > 1 else 0.0) * 100 for v in zip(*values)]
+        (line,) = right.plot(steps, mean, marker="o", markersize=3, label=method)
+        right.fill_between(
+            steps,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            alpha=0.12,
+            color=line.get_color(),
+        )
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("held-out greedy accuracy (%)")
+    right.set_ylim(0, 105)
+    right.set_title("Held-out greedy accuracy during post-training")
+    right.legend(loc="upper left", fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, a few steps, small evaluation")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; quick: 1)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where learning.{json,md,png} are written")
+    parser.add_argument("--json", help="JSON path (default: OUT_DIR/learning.json)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override any LearningSettings field"
+    )
+    args = parser.parse_args(argv)
+
+    setup_environment(args.threads)
+    settings = LearningSettings.quick() if args.quick else LearningSettings()
+    overrides = {}
+    for item in args.set:
+        name, value = item.split("=", 1)
+        default = getattr(LearningSettings, name, getattr(settings, name))
+        if value.lower() == "none":
+            overrides[name] = None
+        elif isinstance(default, tuple):
+            overrides[name] = tuple(type(default[0])(v) for v in value.split(","))
+        else:
+            overrides[name] = type(default if default is not None else 0.0)(value)
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    settings = dataclasses.replace(settings, **overrides)
+
+    start = time.time()
+    report = {"machine": machine_info(), "settings": asdict(settings), "methods": args.methods, "quick": args.quick}
+    print(f"[learning] {machine_line(report['machine'])}", flush=True)
+    report["results"] = run(settings, args.methods)
+    report["aggregate"] = aggregate(report["results"], args.methods)
+    if settings.sensitivity_lr is not None:
+        report["aggregate_sensitivity"] = aggregate(
+            report["results"], list(settings.sensitivity_methods), "sensitivity"
+        )
+    if "hpt" in args.methods and len(args.methods) > 1:
+        report["paired"] = paired_differences(report["results"], args.methods)
+    report["seconds"] = time.time() - start
+    out_dir = Path(args.out_dir)
+    markdown = render_markdown(report)
+    print(markdown)
+    write_json(args.json or out_dir / "learning.json", report, indent=None)
+    (out_dir / "learning.md").write_text(markdown)
+    plot(report, out_dir / "learning.png")
+    print(f"[learning] done in {report['seconds'] / 60:.1f} min; wrote {out_dir}/learning.{{json,md,png}}")
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,117 @@
+"""The benchmark scripts: their pure helpers (fast) and a `--quick` run of each (slow, kept out of the default run)."""
+
+import json
+import math
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import markdown_table, pass_at_k, summarize  # noqa: E402
+
+
+def _pass_at_k_by_enumeration(n, c, k):
+    """The definition: the share of k-subsets of the n samples that hold at least one correct sample."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(combinations(samples, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_pass_at_k_matches_its_definition(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_by_enumeration(n, c, k), abs=1e-12)
+            assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(8, 0, 4) == 0.0
+    assert pass_at_k(8, 8, 1) == 1.0
+    assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8)
+    assert pass_at_k(8, 5, 4) == 1.0  # fewer than k wrong samples: every k-subset holds a correct one
+    # No overflow where the binomials are astronomically large.
+    assert 0.0 < pass_at_k(2000, 1, 1000) <= 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_markdown_table_and_summary():
+    table = markdown_table(["method", "acc"], [["a|b", 1.5], ["c", 2]])
+    assert table.splitlines() == ["| method | acc |", "|:---|---:|", "| a\\|b | 1.5 |", "| c | 2 |"]
+    with pytest.raises(ValueError):
+        markdown_table(["a", "b"], [[1]])
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert s["std"] == pytest.approx(1.0)
+    assert math.isnan(summarize([])["median"])
+
+
+def test_learning_task_split_is_disjoint_and_warm_start_has_no_carry():
+    from benchmarks.learning import answer_text, has_carry, prompt_text, task_rows, task_split
+
+    split = task_split(50, 128)
+    held, train, warm = map(set, (split["held_out"], split["train"], split["warm_start"]))
+    assert len(held) == 128 and not held & train and len(held | train) == 50 * 50
+    assert warm <= train and not any(has_carry(*p) for p in warm)
+    assert any(has_carry(*p) for p in held) and any(not has_carry(*p) for p in held)
+    # Fixed width: no prompt needs padding, every answer has the same length.
+    assert {len(prompt_text(a, b)) for a, b in train} == {6}
+    assert {len(answer_text(a, b)) for a, b in train} == {2}
+    assert task_rows([(7, 45)]) == [{"prompt": "07+45=", "completion": "52", "solution": "52"}]
+    assert task_split(50, 128) == split  # the split does not depend on the seed of a run
+
+
+@pytest.mark.slow
+def test_speed_quick_writes_its_outputs(tmp_path):
+    out_json, out_md = tmp_path / "speed.json", tmp_path / "speed.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--quick", "--json", str(out_json), "--markdown", str(out_md)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    assert {"machine", "step_time", "components", "memory", "loss_pass"} <= set(report)
+    assert report["machine"]["commit"] and report["machine"]["torch"]
+    assert report["step_time"]["same_rollouts"]  # feedback="rl" generated what GRPOTrainer generated
+    assert [e["g"] for e in report["loss_pass"]["results"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert "HPT/GRPO" in out_md.read_text()
+
+
+@pytest.mark.slow
+def test_learning_quick_writes_its_outputs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--quick", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("learning.json", "learning.md", "learning.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0
+    report = json.loads((tmp_path / "learning.json").read_text())
+    assert set(report["aggregate"]) == {
+        "warm_start",
+        "sft",
+        "sft_trl",
+        "grpo",
+        "grpo_trl",
+        "sft_grpo",
+        "luffy",
+        "srft",
+        "hpt",
+    }
+    assert "HPT" in (tmp_path / "learning.md").read_text()
