@@ -74,6 +74,7 @@ METHODS = {
     "luffy": "LUFFY (`soft`, `luffy`)",
     "srft": "SRFT (`soft`, `srft`)",
     "hpt": "HPT (`switch`, gate 0)",
+    "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`)',
 }
 
 
@@ -422,6 +423,19 @@ def run_method(method: str, model, tokenizer, dataset, held_out, settings: Learn
         _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="soft", offline_loss="srft")
     elif method == "hpt":
         _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="switch", switch_gate=0.0)
+    elif method == "hpt_lt":
+        _run_hpt(
+            model,
+            tokenizer,
+            dataset,
+            settings,
+            seed,
+            steps,
+            history,
+            feedback="switch",
+            switch_gate=0.0,
+            offline_aggregation="loss_type",
+        )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     return {"curve": history.curve, "gate": history.gate, "generated_tokens": round(history.generated_tokens)}

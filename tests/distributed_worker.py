@@ -14,7 +14,8 @@ the per-device batch doubled sees exactly the rollouts of a 2-process run. SGD w
 gradient differences float-level in the parameters (AdamW would amplify them to the size of the learning rate).
 
 Case keys: `name`, `mode` (`switch`, `soft_luffy` or `rl`), `loss_type`, `per_device_batch`, `num_generations`,
-`steps`, `solved` (`mixed`: some prompts are never solved and others partly; `none`: no prompt is ever solved).
+`steps`, `solved` (`mixed`: some prompts are never solved and others partly; `none`: no prompt is ever solved) and,
+optionally, `offline_aggregation`.
 """
 
 import argparse
@@ -105,6 +106,7 @@ def build_trainer(case: dict, output_dir: str):
         output_dir=output_dir,
         feedback=feedback,
         offline_loss="luffy" if mode == "soft_luffy" else "sft",
+        offline_aggregation=case.get("offline_aggregation"),
         loss_type=case["loss_type"],
         per_device_train_batch_size=case["per_device_batch"],
         num_generations=case["num_generations"],

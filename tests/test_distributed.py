@@ -28,7 +28,7 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 REPO = WORKER.parents[1]
 NUM_PROCESSES = 2
 G = 4
-# A whole launch: process start-up, 6 cases of 3 steps. A collective that hangs fails sooner, at the worker's
+# A whole launch: process start-up, 7 cases of 3 steps. A collective that hangs fails sooner, at the worker's
 # `ddp_timeout`.
 LAUNCH_TIMEOUT = 420
 # Max parameter difference relative to the largest parameter update. Correct runs measure ~1e-7 here; a rank-local
@@ -42,6 +42,14 @@ CASES = [
     {"name": "switch-grpo", "mode": "switch", "loss_type": "grpo", **SPANNING},
     {"name": "switch-dr_grpo", "mode": "switch", "loss_type": "dr_grpo", **SPANNING},
     {"name": "soft_luffy-dapo", "mode": "soft_luffy", "loss_type": "dapo", **SPANNING},
+    # Demonstration tokens reduced with the rollouts: the row count dr_grpo divides by includes them.
+    {
+        "name": "switch_loss_type-dr_grpo",
+        "mode": "switch",
+        "loss_type": "dr_grpo",
+        "offline_aggregation": "loss_type",
+        **SPANNING,
+    },
     {"name": "rl-grpo", "mode": "rl", "loss_type": "grpo", **SPANNING},
     # One group of 4 per step, 2 rows per rank, never solved: rank 0 holds only zero-weight rollouts (alpha = 0) and
     # the demonstration goes to rank 1, which owns the group's last slot.
@@ -192,10 +200,11 @@ def test_each_demonstration_is_placed_once_by_the_owner_of_the_last_slot(runs, n
             assert ranks[0]["steps"][step][key] == ranks[1]["steps"][step][key] == reference[key], (step, key)
         tokens = torch.tensor(reference["tokens"], dtype=torch.float)
         offline = torch.tensor(reference["offline"])
-        if CASE[name]["mode"] == "switch":  # sft: demonstration tokens form their own term
+        if CASE[name]["mode"] == "switch" and "offline_aggregation" not in CASE[name]:
+            # sft: demonstration tokens form their own term
             assert reference["num_items_in_batch"] == tokens[~offline].sum().item()
             assert reference["token_mean_tokens"] == tokens[offline].sum().item()
-        else:  # luffy: demonstration tokens aggregate with the rollouts
+        else:  # luffy, offline_aggregation="loss_type": demonstration tokens aggregate with the rollouts
             assert reference["num_items_in_batch"] == tokens.sum().item()
 
 

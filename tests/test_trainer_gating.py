@@ -280,3 +280,60 @@ def test_verifier_reward_index_selects_one_function(tmp_path, char_tokenizer):
     assert trainer._metrics["train"]["hpt/prompt_accuracy"][-1] == 0.0
     with pytest.raises(ValueError, match="verifier_reward_index=2"):
         make_trainer(tmp_path, char_tokenizer, rows, [always, never], verifier_reward_index=2)
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "grpo"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "loss_type"])
+def test_offline_aggregation_loss_equals_its_closed_form(tmp_path, char_tokenizer, aggregation, loss_type):
+    """
+    token_mean: L = sum_rollouts(TRL's loss_type) + c * (sum of demonstration -log p) / (demonstration tokens).
+    loss_type: demonstration rows are rows of the policy term with per-token loss -log p and weight c * beta.
+    """
+    rows = addition_rows(PAIRS)
+    k = correct_counts(0, 1, 0, 4)
+    coef = 0.5
+    trainer = make_trainer(
+        tmp_path,
+        char_tokenizer,
+        rows,
+        rollout_index_reward(k),
+        loss_type=loss_type,
+        scale_rewards="none",
+        sft_loss_coef=coef,
+        offline_aggregation=aggregation,
+    )
+    assert trainer.offline_spec.aggregation == aggregation
+    batch = generation_batch(trainer)
+    loss = trainer._compute_loss(trainer.model, dict(batch))
+
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, attention, batch["completion_ids"].size(1)
+        )
+    mask = batch["completion_mask"].float()
+    offline, weight = batch["hpt_offline"], batch["hpt_weight"]
+    # One update per generation batch: the ratio is 1, a rollout token's loss is -A; a demonstration token's -log p.
+    per_token = torch.where(offline.unsqueeze(1), -logps, -batch["advantages"].view(-1, 1).expand_as(logps))
+    row_weight = torch.where(offline, coef * weight, weight).unsqueeze(1)
+    policy = ~offline if aggregation == "token_mean" else torch.ones_like(offline)
+    weighted = per_token * row_weight * mask
+    if loss_type == "dr_grpo":
+        expected = weighted[policy].sum() / (policy.sum() * trainer.max_completion_length)
+    elif loss_type == "dapo":
+        expected = weighted[policy].sum() / mask[policy].sum()
+    else:
+        expected = (weighted[policy].sum(1) / mask[policy].sum(1)).sum() / policy.sum()
+    if aggregation == "token_mean":
+        expected = expected + weighted[offline].sum() / mask[offline].sum()
+    assert offline.sum() == 2
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_offline_aggregation_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="offline_aggregation='sum'"):
+        train_args(tmp_path, offline_aggregation="sum")
+    with pytest.raises(ValueError, match="offline_loss='luffy'"):
+        train_args(tmp_path, offline_loss="luffy", offline_aggregation="token_mean")
+    assert train_args(tmp_path, offline_loss="luffy", offline_aggregation="loss_type").offline_loss == "luffy"

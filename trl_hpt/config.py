@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from trl_hpt.estimator import OFFLINE_PRESETS, UNSUPPORTED_LOSS_TYPES
+from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, UNSUPPORTED_LOSS_TYPES, get_preset
 
 
 FEEDBACK_STRATEGIES = ("switch", "soft", "linear", "rl", "sft")
@@ -40,6 +40,11 @@ class HPTConfig(GRPOConfig):
             Estimator preset for demonstration rows: `sft`, `luffy`, `srft` or `chord_phi`.
         offline_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             `gamma` of LUFFY's shaping `p / (p + gamma)`.
+        offline_aggregation (`str`, *optional*):
+            How demonstration tokens are reduced: `"token_mean"` (a separate mean over all demonstration tokens of the
+            batch, added to the RL term) or `"loss_type"` (together with the rollout tokens, by `loss_type`, so a
+            demonstration token weighs what a rollout token with advantage 1 weighs). `None`: the preset's own
+            (`token_mean` for `sft` and `chord_phi`, `loss_type` for `luffy` and `srft`).
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -92,6 +97,18 @@ class HPTConfig(GRPOConfig):
         default=0.1,
         metadata={"help": "gamma of LUFFY's likelihood shaping p / (p + gamma) for offline_loss='luffy'."},
     )
+    offline_aggregation: str | None = field(
+        default=None,
+        metadata={
+            "help": "How demonstration tokens are reduced. 'token_mean': a separate mean over all demonstration "
+            "tokens of the batch, added to the RL term (DESIGN 1.2). 'loss_type': together with the rollout tokens by "
+            "loss_type, each demonstration token weighted like a rollout token with advantage 1; under "
+            "loss_type='dr_grpo' this is close to the balance of the paper's reference code, whose RL term is not "
+            "divided by the number of rows. None: the preset's own (token_mean for sft and chord_phi, loss_type for "
+            "luffy and srft, which share group statistics with the rollouts).",
+            "choices": list(AGGREGATIONS),
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -118,6 +135,17 @@ class HPTConfig(GRPOConfig):
             )
         if self.offline_loss not in OFFLINE_PRESETS:
             raise ValueError(f"HPTConfig.offline_loss={self.offline_loss!r} is not one of {OFFLINE_PRESETS}.")
+        if self.offline_aggregation is not None:
+            if self.offline_aggregation not in AGGREGATIONS:
+                raise ValueError(
+                    f"HPTConfig.offline_aggregation={self.offline_aggregation!r} is not one of {AGGREGATIONS} or None."
+                )
+            if self.offline_aggregation == "token_mean" and get_preset(self.offline_loss).advantage == "group_mixed":
+                raise ValueError(
+                    f"HPTConfig.offline_aggregation='token_mean' does not apply to offline_loss={self.offline_loss!r}: "
+                    "its demonstrations share group statistics with the rollouts and are reduced with them. Leave "
+                    "offline_aggregation=None (or 'loss_type')."
+                )
         if self.loss_type in UNSUPPORTED_LOSS_TYPES:
             raise ValueError(
                 f"HPTConfig.loss_type={self.loss_type!r} is not an instance of the unified estimator and is not "

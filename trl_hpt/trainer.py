@@ -144,6 +144,8 @@ class HPTTrainer(GRPOTrainer):
         offline = get_preset(args.offline_loss)
         if offline.shaping_gamma is not None:
             offline = offline.replace(shaping_gamma=args.offline_shaping_gamma)
+        if args.offline_aggregation is not None:
+            offline = offline.replace(aggregation=args.offline_aggregation)
         self.offline_spec = offline
         self._uses_demonstrations = feedback_fn is not None or args.feedback != "rl"
         self._hpt_gathered_rewards: torch.Tensor | None = None
