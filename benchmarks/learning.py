@@ -19,7 +19,8 @@ the completion tokens each method actually generated):
 - `grpo`: `HPTTrainer(feedback="rl")`; `grpo_trl`: TRL's `GRPOTrainer` (these two are the same run numerically);
 - `sft_grpo`: half the steps `feedback="sft"`, then half `feedback="rl"` (a fresh optimizer, as in an SFT -> RL pipeline);
 - `luffy`: `feedback="soft", offline_loss="luffy"`; `srft`: `feedback="soft", offline_loss="srft"`;
-- `hpt`: `feedback="switch", switch_gate=0`.
+- `hpt`: `feedback="switch", switch_gate=0`; `hpt_lt`: the same with `offline_aggregation="loss_type"` (demonstration
+  tokens reduced with the rollout tokens, the balance of the paper's reference code and of our paper recipes).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
 `scale_rewards="none"`, no KL, one update per generation batch, `sft_loss_coef=1.0`), AdamW with one constant learning
@@ -466,6 +467,7 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
     out = {}
     for name, fields in (
         ("hpt", {"feedback": "switch"}),
+        ("hpt_lt", {"feedback": "switch", "offline_aggregation": "loss_type"}),
         ("luffy", {"feedback": "soft", "offline_loss": "luffy"}),
         ("srft", {"feedback": "soft", "offline_loss": "srft"}),
     ):
@@ -697,20 +699,21 @@ def render_markdown(report: dict) -> str:
                 f"{tokens['sft_denominator_tokens']} demonstration tokens, LUFFY and SRFT by dr_grpo's "
                 f"{tokens['dr_grpo_denominator']} (rows x max completion length).",
             ]
-    if "paired" in report:
+    for reference, paired in report.get("paired", {}).items():
         lines += [
             "",
-            "HPT minus each method, paired by seed (same warm start), mean +- std over seeds, in points:",
+            f"{METHODS[reference]} minus each method, paired by seed (same warm start), mean +- std over seeds, in "
+            "points:",
             "",
             markdown_table(
-                ["method", "greedy", "greedy, carry", "greedy, no carry", "pass@4", "HPT ahead (greedy)"],
+                ["method", "greedy", "greedy, carry", "greedy, no carry", "pass@4", "ahead (greedy)"],
                 [
                     [
                         METHODS[m],
                         *(f"{100 * d[k][0]:+.1f} +- {100 * d[k][1]:.1f}" for k in PAIRED_METRICS),
                         f"{d['wins']}/{d['n']} seeds",
                     ]
-                    for m, d in report["paired"].items()
+                    for m, d in paired.items()
                 ],
             ),
         ]
@@ -816,7 +819,7 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, a few steps, small evaluation")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; quick: 1)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 5; quick: 1)")
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -854,8 +857,11 @@ def main(argv=None) -> dict:
         report["aggregate_sensitivity"] = aggregate(
             report["results"], list(settings.sensitivity_methods), "sensitivity"
         )
-    if "hpt" in args.methods and len(args.methods) > 1:
-        report["paired"] = paired_differences(report["results"], args.methods)
+    report["paired"] = {
+        reference: paired_differences(report["results"], args.methods, reference)
+        for reference in ("hpt", "hpt_lt")
+        if reference in args.methods and len(args.methods) > 1
+    }
     report["seconds"] = time.time() - start
     out_dir = Path(args.out_dir)
     markdown = render_markdown(report)

@@ -113,5 +113,7 @@ def test_learning_quick_writes_its_outputs(tmp_path):
         "luffy",
         "srft",
         "hpt",
+        "hpt_lt",
     }
+    assert set(report["paired"]) == {"hpt", "hpt_lt"}
     assert "HPT" in (tmp_path / "learning.md").read_text()
