@@ -91,6 +91,11 @@ class LearningSettings:
     hidden_size: int = 64
     num_layers: int = 2
     warmup_steps: int = 300
+    # "no_carry": the warm start sees only the no-carry post-training problems (no carry problem is ever solved, so
+    # RL has no signal there). "sample": it sees `warm_start_size` random post-training problems of both kinds, which
+    # leaves the model solving many problems some of the time: headroom for RL on prompts it partly solves.
+    warm_start_set: str = "no_carry"
+    warm_start_size: int = 400
     warmup_lr: float = 2e-3
     warmup_batch: int = 32
     # Post-training (the same for every method)
@@ -149,6 +154,15 @@ def task_split(max_operand: int, held_out: int, seed: int = 0) -> dict[str, list
     random.Random(seed).shuffle(pairs)
     held, train = pairs[:held_out], pairs[held_out:]
     return {"held_out": held, "train": train, "warm_start": [p for p in train if not has_carry(*p)]}
+
+
+def warm_start_problems(split: dict, settings: LearningSettings) -> list[tuple[int, int]]:
+    """The problems of the warm start (see `LearningSettings.warm_start_set`); the same for every seed."""
+    if settings.warm_start_set == "no_carry":
+        return split["warm_start"]
+    if settings.warm_start_set == "sample":
+        return random.Random(1).sample(split["train"], settings.warm_start_size)
+    raise ValueError(f"warm_start_set must be 'no_carry' or 'sample', got {settings.warm_start_set!r}")
 
 
 def task_rows(pairs, max_operand: int = 50) -> list[dict]:
@@ -519,6 +533,8 @@ def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> 
     import torch
 
     offline = batch["hpt_offline"]
+    if not bool(offline.any()):
+        return None  # the model solved every prompt of the batch: no demonstration placed
     with torch.no_grad():
         ids = torch.cat([batch["prompt_ids"][offline], batch["completion_ids"][offline]], dim=1)
         attention = torch.cat([batch["prompt_mask"][offline], batch["completion_mask"][offline]], dim=1)
@@ -558,7 +574,7 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
     for seed in range(settings.seeds):
         start = time.time()
         model = build_tiny_model(tokenizer, settings.hidden_size, settings.num_layers, seed=seed)
-        warm_start(model, tokenizer, split["warm_start"], settings, seed)
+        warm_start(model, tokenizer, warm_start_problems(split, settings), settings, seed)
         state = copy.deepcopy(model.state_dict())
         per_seed = {"warm_start": evaluate(model, tokenizer, held_out, settings, seed=1000 + seed)}
         per_seed["warm_start_seconds"] = time.time() - start
@@ -629,8 +645,13 @@ def render_markdown(report: dict) -> str:
         f"Task: `aa+bb=` -> `cc`, a, b in [0, {settings['max_operand']}); {split['train']} post-training prompts, "
         f"{split['held_out']} held-out ({split['held_out_with_carry']} with a carry). Model: Qwen2-style, hidden "
         f"{settings['hidden_size']}, {settings['num_layers']} layers, warm-started {settings['warmup_steps']} steps "
-        f"(lr {settings['warmup_lr']}, batch {settings['warmup_batch']}) on the {split['warm_start']} no-carry "
-        f"post-training problems. Every method: {settings['steps']} optimizer steps from the warm start, "
+        f"(lr {settings['warmup_lr']}, batch {settings['warmup_batch']}) on "
+        + (
+            f"the {split['warm_start']} no-carry post-training problems"
+            if settings.get("warm_start_set", "no_carry") == "no_carry"
+            else f"{settings['warm_start_size']} random post-training problems (carry or not)"
+        )
+        + f". Every method: {settings['steps']} optimizer steps from the warm start, "
         f"{settings['prompts_per_step']} prompts per step, {settings['num_generations']} rollouts per prompt "
         f"(up to {settings['max_completion_length']} tokens, temperature {settings['temperature']}), AdamW lr "
         f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, no KL, '
