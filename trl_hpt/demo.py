@@ -121,7 +121,7 @@ def exact_match_reward(completions, solution, **kwargs) -> list[float]:
 
 @dataclass
 class DemoArguments:
-    """Settings of the embedded demo; the defaults finish in about two minutes on 2 idle CPU cores."""
+    """Settings of the embedded demo; the defaults finish in under a minute on 2 CPU cores."""
 
     output_dir: str = "trl-hpt-demo"
     seed: int = 0
