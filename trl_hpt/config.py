@@ -140,12 +140,14 @@ class HPTConfig(GRPOConfig):
                 raise ValueError(
                     f"HPTConfig.offline_aggregation={self.offline_aggregation!r} is not one of {AGGREGATIONS} or None."
                 )
-            if self.offline_aggregation == "token_mean" and get_preset(self.offline_loss).advantage == "group_mixed":
+            try:
+                # The estimator owns the rule (a mixed-group advantage must be reduced with the rollouts).
+                get_preset(self.offline_loss).replace(aggregation=self.offline_aggregation)
+            except ValueError as error:
                 raise ValueError(
-                    f"HPTConfig.offline_aggregation='token_mean' does not apply to offline_loss={self.offline_loss!r}: "
-                    "its demonstrations share group statistics with the rollouts and are reduced with them. Leave "
-                    "offline_aggregation=None (or 'loss_type')."
-                )
+                    f"HPTConfig.offline_aggregation={self.offline_aggregation!r} does not apply to "
+                    f"offline_loss={self.offline_loss!r}: {error} Leave offline_aggregation=None."
+                ) from None
         if self.loss_type in UNSUPPORTED_LOSS_TYPES:
             raise ValueError(
                 f"HPTConfig.loss_type={self.loss_type!r} is not an instance of the unified estimator and is not "
