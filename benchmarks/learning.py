@@ -78,6 +78,16 @@ METHODS = {
     "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`)',
 }
 
+# The HPTConfig fields of each method trained by HPTTrainer (the others: TRL's trainers, or a sequence of these).
+HPT_FIELDS = {
+    "sft": {"feedback": "sft"},
+    "grpo": {"feedback": "rl"},
+    "luffy": {"feedback": "soft", "offline_loss": "luffy"},
+    "srft": {"feedback": "soft", "offline_loss": "srft"},
+    "hpt": {"feedback": "switch", "switch_gate": 0.0},
+    "hpt_lt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "loss_type"},
+}
+
 
 @dataclass
 class LearningSettings:
@@ -318,17 +328,10 @@ class _History:
         self.rows_per_step = settings.prompts_per_step * settings.num_generations
 
 
-def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:
-    """The settings every generating method shares: the paper's HPT recipe (DESIGN 4) at toy scale."""
+def _trainer_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:
+    """The `TrainingArguments` every method shares, TRL's SFTTrainer included: optimizer, schedule, budget, logging."""
     return dict(
         output_dir=output_dir,
-        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
-        temperature=settings.temperature,
-        loss_type="dr_grpo",
-        scale_rewards="none",
-        beta=0.0,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="constant",
         optim="adamw_torch",
@@ -344,6 +347,20 @@ def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: 
         seed=seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
+    )
+
+
+def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:
+    """The settings every generating method shares: the paper's HPT recipe (DESIGN 4) at toy scale."""
+    return dict(
+        _trainer_values(settings, output_dir, steps, seed),
+        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        beta=0.0,
     )
 
 
@@ -381,24 +398,9 @@ def _run_sft_trl(model, tokenizer, dataset, settings, seed, steps, history):
 
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
-            output_dir=tmp,
+            **_trainer_values(settings, tmp, steps, seed),
             # The same demonstrations per step as feedback="sft" trains on: one per prompt.
             per_device_train_batch_size=settings.prompts_per_step,
-            learning_rate=settings.learning_rate,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            gradient_checkpointing=False,
-            max_steps=steps,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            seed=seed,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
         )
         trainer = SFTTrainer(
             model=model,
@@ -415,42 +417,21 @@ def run_method(method: str, model, tokenizer, dataset, held_out, settings: Learn
     """Trains `model` in place with `method`; returns its curve, gate history and generated-token count."""
     steps = settings.steps
     history = _History(tokenizer, held_out, settings)
-    if method == "sft":
-        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="sft")
+    if method in HPT_FIELDS:
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, **HPT_FIELDS[method])
     elif method == "sft_trl":
         _run_sft_trl(model, tokenizer, dataset, settings, seed, steps, history)
-    elif method == "grpo":
-        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="rl")
     elif method == "grpo_trl":
         _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo=True)
     elif method == "sft_grpo":
         first = steps // 2
-        _run_hpt(model, tokenizer, dataset, settings, seed, first, history, feedback="sft")
+        _run_hpt(model, tokenizer, dataset, settings, seed, first, history, **HPT_FIELDS["sft"])
         second = _History(tokenizer, held_out, settings, step_offset=first)
         # Another data seed for the RL half, so it does not replay the SFT half's prompts in the same order.
-        _run_hpt(model, tokenizer, dataset, settings, seed + 10_000, steps - first, second, feedback="rl")
+        _run_hpt(model, tokenizer, dataset, settings, seed + 10_000, steps - first, second, **HPT_FIELDS["grpo"])
         history.curve += second.curve
         history.gate += second.gate
         history.generated_tokens += second.generated_tokens
-    elif method == "luffy":
-        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="soft", offline_loss="luffy")
-    elif method == "srft":
-        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="soft", offline_loss="srft")
-    elif method == "hpt":
-        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, feedback="switch", switch_gate=0.0)
-    elif method == "hpt_lt":
-        _run_hpt(
-            model,
-            tokenizer,
-            dataset,
-            settings,
-            seed,
-            steps,
-            history,
-            feedback="switch",
-            switch_gate=0.0,
-            offline_aggregation="loss_type",
-        )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     return {"curve": history.curve, "gate": history.gate, "generated_tokens": round(history.generated_tokens)}
@@ -479,12 +460,8 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
     half = settings.prompts_per_step // 2
     chosen = dataset.select(carry[:half] + no_carry[: settings.prompts_per_step - half])
     out = {}
-    for name, fields in (
-        ("hpt", {"feedback": "switch"}),
-        ("hpt_lt", {"feedback": "switch", "offline_aggregation": "loss_type"}),
-        ("luffy", {"feedback": "soft", "offline_loss": "luffy"}),
-        ("srft", {"feedback": "soft", "offline_loss": "srft"}),
-    ):
+    for name in ("hpt", "hpt_lt", "luffy", "srft"):
+        fields = HPT_FIELDS[name]
         with tempfile.TemporaryDirectory() as tmp:
             values = _grpo_values(settings, tmp, 1, seed)
             values["per_device_train_batch_size"] = len(chosen) * settings.num_generations
