@@ -163,3 +163,14 @@ def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -
     path.parent.mkdir(parents=True, exist_ok=True)
     separators = (",", ":") if indent is None else None
     path.write_text(json.dumps(payload, indent=indent, separators=separators) + "\n")
+
+
+def generation_inputs(trainer, num_prompts: int, num_generations: int) -> list[dict]:
+    """
+    Readies a trainer built outside `train()` for direct calls of its generation and loss passes, and returns one
+    generation batch's inputs: its first `num_prompts` training rows, each repeated `num_generations` times.
+    """
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
+    rows = [dict(trainer.train_dataset[i]) for i in range(num_prompts)]
+    return [dict(r) for r in rows for _ in range(num_generations)]

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    generation_inputs,
     machine_info,
     machine_line,
     markdown_table,
@@ -472,13 +473,9 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
                 train_dataset=chosen,
                 processing_class=tokenizer,
             )
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-        rows = [dict(trainer.train_dataset[i]) for i in range(len(chosen))]
+        inputs = generation_inputs(trainer, len(chosen), settings.num_generations)
         torch.manual_seed(seed)
-        batch = trainer._generate_and_score_completions(
-            [dict(r) for r in rows for _ in range(settings.num_generations)]
-        )
+        batch = trainer._generate_and_score_completions(inputs)
         offline = batch["hpt_offline"]
         norms = {}
         for term, keep in (("online", ~offline), ("offline", offline)):

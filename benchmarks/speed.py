@@ -53,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    generation_inputs,
     machine_info,
     machine_line,
     markdown_table,
@@ -517,10 +518,7 @@ def measure_components(settings: SpeedSettings, device: str) -> dict:
     model = build_tiny_model(tokenizer, settings.step_hidden, settings.step_layers, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_step_trainer("hpt", model, tokenizer, settings, tmp, device, [])
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-    rows = [dict(trainer.train_dataset[i]) for i in range(settings.step_prompts)]
-    inputs = [dict(r) for r in rows for _ in range(settings.num_generations)]
+    inputs = generation_inputs(trainer, settings.step_prompts, settings.num_generations)
 
     def generate_hpt():
         return trainer._generate_and_score_completions([dict(x) for x in inputs])
@@ -646,16 +644,14 @@ def measure_loss_pass(settings: SpeedSettings, device: str) -> dict:
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
         )
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-    prepared = [dict(trainer.train_dataset[i]) for i in range(P)]
+    inputs = generation_inputs(trainer, P, G)
 
     def batch_for(g: float) -> dict:
         unsolved.clear()
         unsolved.update(prompts[: round(g * P)])
         # Same seed for every g: the same rollouts, so batches differ only by the demonstrations swapped in.
         torch.manual_seed(0)
-        return trainer._generate_and_score_completions([dict(r) for r in prepared for _ in range(G)])
+        return trainer._generate_and_score_completions([dict(x) for x in inputs])
 
     def hpt_loss(model, batch):
         return trainer._compute_loss(model, batch)
