@@ -58,3 +58,33 @@ def train_args(tmp_path, cls=None, **overrides):
 def dense_reward(completions, **kwargs):
     """A reward that differs between almost any two completions, so every GRPO step moves the weights."""
     return [(sum(ord(c) * (i + 1) for i, c in enumerate(str(x))) % 97) / 97 for x in completions]
+
+
+def slot_reward(rows, num_correct, num_generations):
+    """
+    A reward by rollout slot: the first `num_correct[j]` rollouts of prompt `j`'s group are correct (reward 1), the
+    others score `0.2 * slot`, so the accuracy P of each prompt is known exactly and advantages are not all zero.
+    """
+    correct = {row["prompt"]: k for row, k in zip(rows, num_correct)}
+
+    def reward(prompts, completions, **kwargs):
+        return [
+            1.0 if i % num_generations < correct[p] else 0.2 * (i % num_generations) for i, p in enumerate(prompts)
+        ]
+
+    return reward
+
+
+def generation_batch(trainer, num_generations):
+    """One generation batch as the trainer's dataloader yields it: every training prompt repeated per rollout."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
+    rows = [dict(trainer.train_dataset[i]) for i in range(len(trainer.train_dataset))]
+    return trainer._generate_and_score_completions([dict(r) for r in rows for _ in range(num_generations)])
+
+
+def assert_same(a, b, **tolerance):
+    """`a` and `b` are `(loss, [gradients])`: equal loss and equal gradients, parameter by parameter."""
+    torch.testing.assert_close(a[0], b[0], **tolerance)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, **tolerance)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.conftest import tiny_model, train_args
+from tests.conftest import assert_same, generation_batch, slot_reward, tiny_model, train_args
 from trl_hpt import HPTTrainer
 from trl_hpt.demo import addition_rows
 
@@ -21,15 +21,6 @@ BETA = 0.1
 PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
 # Correct rollouts per prompt, by position: the first two prompts are never solved (switch sends them to SFT).
 NUM_CORRECT = [0, 0, 2, 1]
-
-
-def slot_reward(rows):
-    correct = {row["prompt"]: k for row, k in zip(rows, NUM_CORRECT)}
-
-    def reward(prompts, completions, **kwargs):
-        return [1.0 if i % G < correct[p] else 0.2 * (i % G) for i, p in enumerate(prompts)]
-
-    return reward
 
 
 @pytest.fixture
@@ -47,18 +38,11 @@ def make_trainer(tmp_path, tokenizer, model_dir, **overrides):
     )
     return HPTTrainer(
         model=model_dir,
-        reward_funcs=slot_reward(rows),
+        reward_funcs=slot_reward(rows, NUM_CORRECT, G),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-
-
-def generation_batch(trainer):
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-    rows = [dict(trainer.train_dataset[i]) for i in range(len(trainer.train_dataset))]
-    return trainer._generate_and_score_completions([r for r in rows for _ in range(G)])
 
 
 def loss_and_grads(trainer, batch, beta):
@@ -96,12 +80,6 @@ def explicit_kl(trainer, batch, rows, loss_type, bias_correction):
     return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
 
 
-def assert_same(a, b, **tolerance):
-    torch.testing.assert_close(a[0], b[0], **tolerance)
-    for x, y in zip(a[1], b[1]):
-        torch.testing.assert_close(x, y, **tolerance)
-
-
 def test_a_training_step_with_kl_runs_and_logs_it(tmp_path, char_tokenizer, model_dir):
     trainer = make_trainer(tmp_path, char_tokenizer, model_dir, max_steps=2)
     assert trainer.ref_model is not None
@@ -127,7 +105,7 @@ def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, 
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = generation_batch(trainer)
+    batch = generation_batch(trainer, G)
     offline, weights = batch["hpt_offline"], batch["hpt_weight"]
     rollouts = ~offline & (weights > 0)
     assert offline.sum() == 2 and rollouts.sum() == 2 * G
@@ -162,7 +140,7 @@ def test_kl_term_gives_finite_gradients_on_improbable_demonstrations(tmp_path, c
     path = tmp_path / "confident"
     model.save_pretrained(str(path))
     trainer = make_trainer(tmp_path, char_tokenizer, str(path), loss_type="dapo")
-    batch = generation_batch(trainer)
+    batch = generation_batch(trainer, G)
     offline = batch["hpt_offline"]
     assert offline.any()
 

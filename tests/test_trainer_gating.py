@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.conftest import dense_reward, tiny_model, train_args
+from tests.conftest import dense_reward, generation_batch, tiny_model, train_args
 from trl_hpt import HPTTrainer
 from trl_hpt.demo import addition_rows
 
@@ -34,14 +34,6 @@ def make_trainer(tmp_path, tokenizer, rows, reward, **overrides):
     )
 
 
-def generation_batch(trainer):
-    """One generation batch as the trainer's dataloader yields it: every prompt repeated G times."""
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    return trainer._generate_and_score_completions([dict(r) for r in rows for _ in range(G)])
-
-
 PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
 PROMPTS = [row["prompt"] for row in addition_rows(PAIRS)]
 
@@ -56,7 +48,7 @@ def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokeniz
     rows = addition_rows(PAIRS)
     k = correct_counts(0, 1, 2, 4)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), switch_gate=gate)
-    out = generation_batch(trainer)
+    out = generation_batch(trainer, G)
     accuracy = torch.tensor([k[r["prompt"]] / G for r in rows])
     to_sft = accuracy <= gate
     offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
@@ -101,7 +93,7 @@ def test_feedback_strategies_produce_their_weights(tmp_path, char_tokenizer, fee
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), **kwargs)
     if callable(feedback):
         trainer.feedback_fn, expected = feedback, feedback
-    out = generation_batch(trainer)
+    out = generation_batch(trainer, G)
     weights, offline = out["hpt_weight"].view(-1, G), out["hpt_offline"].view(-1, G)
     for i, row in enumerate(rows):
         alpha, beta = expected(k[row["prompt"]] / G)
@@ -138,7 +130,7 @@ def test_luffy_advantages_include_the_demonstration_in_the_group(tmp_path, char_
     trainer = make_trainer(
         tmp_path, char_tokenizer, rows, reward, feedback="soft", offline_loss="luffy", scale_rewards="none"
     )
-    out = generation_batch(trainer)
+    out = generation_batch(trainer, G)
     adv = out["advantages"].view(-1, G)
     # prompt 0: rollouts all wrong (unless one happens to be right), demo right -> [-.25, -.25, -.25, .75]
     completions = out["completion_ids"].view(len(rows), G, -1)
@@ -155,7 +147,7 @@ def test_zero_weight_rows_are_skipped_with_identical_loss_and_gradients(tmp_path
     k = correct_counts(0, 0, 2, 4)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), loss_type="grpo")
     trainer.model.train()
-    batch = generation_batch(trainer)
+    batch = generation_batch(trainer, G)
     sizes = []
     original = trainer._get_per_token_logps_and_entropies
 
@@ -183,7 +175,7 @@ def test_zero_weight_rows_are_skipped_with_identical_loss_and_gradients(tmp_path
 def test_rank_with_only_zero_weight_rows_still_runs_forward_backward(tmp_path, char_tokenizer):
     rows = addition_rows(PAIRS)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(correct_counts(0, 0, 0, 0)))
-    batch = generation_batch(trainer)
+    batch = generation_batch(trainer, G)
     batch["hpt_weight"] = torch.zeros_like(batch["hpt_weight"])
     trainer.model.zero_grad()
     loss = trainer._compute_loss(trainer.model, batch)
@@ -234,7 +226,7 @@ def test_rows_without_demonstration_train_by_rl_and_are_counted(tmp_path, char_t
     trainer = make_trainer(
         tmp_path, char_tokenizer, rows, rollout_index_reward(dict.fromkeys([r["prompt"] for r in rows], 0))
     )
-    out = generation_batch(trainer)
+    out = generation_batch(trainer, G)
     offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
     assert offline[:, -1].tolist() == [False, False, True, True]
     assert weights[:2].tolist() == [[1.0] * G] * 2  # RL only, as under GRPO
@@ -255,7 +247,7 @@ def test_long_demonstration_is_truncated_once_and_counted(tmp_path, char_tokeniz
     warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and "1 of 4" in warnings[0].getMessage()
     assert len(trainer.train_dataset[2]["hpt_demo_ids"]) == 5
-    generation_batch(trainer)
+    generation_batch(trainer, G)
     assert trainer._metrics["train"]["hpt/demo_truncated_fraction"][-1] == 0.25
 
 
@@ -266,7 +258,7 @@ def test_reward_none_is_not_correct(tmp_path, char_tokenizer):
         return [None] * len(prompts)
 
     trainer = make_trainer(tmp_path, char_tokenizer, rows, none_reward, success_threshold=0.0)
-    out = generation_batch(trainer)
+    out = generation_batch(trainer, G)
     assert trainer._metrics["train"]["hpt/prompt_accuracy"][-1] == 0.0
     assert out["hpt_offline"].view(-1, G)[:, -1].all()
 
@@ -276,7 +268,7 @@ def test_verifier_reward_index_selects_one_function(tmp_path, char_tokenizer):
     always = lambda completions, **kw: [1.0] * len(completions)  # noqa: E731
     never = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
     trainer = make_trainer(tmp_path, char_tokenizer, rows, [always, never], verifier_reward_index=1)
-    generation_batch(trainer)
+    generation_batch(trainer, G)
     assert trainer._metrics["train"]["hpt/prompt_accuracy"][-1] == 0.0
     with pytest.raises(ValueError, match="verifier_reward_index=2"):
         make_trainer(tmp_path, char_tokenizer, rows, [always, never], verifier_reward_index=2)
@@ -303,7 +295,7 @@ def test_offline_aggregation_loss_equals_its_closed_form(tmp_path, char_tokenize
         offline_aggregation=aggregation,
     )
     assert trainer.offline_spec.aggregation == aggregation
-    batch = generation_batch(trainer)
+    batch = generation_batch(trainer, G)
     loss = trainer._compute_loss(trainer.model, dict(batch))
 
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOTrainer
 
-from tests.conftest import tiny_model, train_args
+from tests.conftest import assert_same, generation_batch, slot_reward, tiny_model, train_args
 from trl_hpt import HPTTrainer
 from trl_hpt.data import DEMO_IDS
 from trl_hpt.demo import addition_rows
@@ -24,16 +24,6 @@ PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
 # Correct rollouts per prompt, by position: the first two prompts are never solved (switch sends them to SFT).
 NUM_CORRECT = [0, 0, 2, 1]
 OFF_POLICY_THRESHOLD = 0.05
-
-
-def slot_reward(rows):
-    """The first k rollouts of a prompt's group are correct (k = NUM_CORRECT), the others score by slot."""
-    correct = {row["prompt"]: k for row, k in zip(rows, NUM_CORRECT)}
-
-    def reward(prompts, completions, **kwargs):
-        return [1.0 if i % G < correct[p] else 0.2 * (i % G) for i, p in enumerate(prompts)]
-
-    return reward
 
 
 def make_trainer(tmp_path, tokenizer, feedback, offline_loss, mode):
@@ -48,16 +38,12 @@ def make_trainer(tmp_path, tokenizer, feedback, offline_loss, mode):
     )
     trainer = HPTTrainer(
         model=tiny_model(tokenizer),
-        reward_funcs=slot_reward(rows),
+        reward_funcs=slot_reward(rows, NUM_CORRECT, G),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-    batch = trainer._generate_and_score_completions(
-        [dict(trainer.train_dataset[i]) for i in range(len(rows)) for _ in range(G)]
-    )
+    batch = generation_batch(trainer, G)
     # What `use_vllm=True` turns on in GRPOTrainer's loss (vLLM itself is not needed to build its inputs).
     trainer.use_vllm = True
     trainer.vllm_importance_sampling_correction = True
@@ -101,12 +87,6 @@ def loss_and_grads(trainer, batch, compute_loss=None):
     loss = compute_loss(trainer, trainer.model, {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
-
-
-def assert_same(a, b, **tolerance):
-    torch.testing.assert_close(a[0], b[0], **tolerance)
-    for x, y in zip(a[1], b[1]):
-        torch.testing.assert_close(x, y, **tolerance)
 
 
 def rows_of(batch, keep):
