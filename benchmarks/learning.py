@@ -352,7 +352,7 @@ def _trainer_values(settings: LearningSettings, output_dir: str, steps: int, see
 
 
 def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:
-    """The settings every generating method shares: the paper's HPT recipe (DESIGN 4) at toy scale."""
+    """The settings every generating method shares: the paper's HPT recipe at toy scale."""
     return dict(
         _trainer_values(settings, output_dir, steps, seed),
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
@@ -502,7 +502,7 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
 def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> dict:
     """
     Probability the warm-started model gives the tokens of the placed demonstrations, and the weight each offline
-    estimator puts on `grad log p` of such a token: SFT 1, SRFT `p`, LUFFY `gamma p / (p + gamma)^2` (DESIGN 1.1).
+    estimator puts on `grad log p` of such a token: SFT 1, SRFT `p`, LUFFY `gamma p / (p + gamma)^2`.
     """
     import torch
 

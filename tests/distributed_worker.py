@@ -15,7 +15,8 @@ gradient differences float-level in the parameters (AdamW would amplify them to 
 
 Case keys: `name`, `mode` (`switch`, `soft_luffy` or `rl`), `loss_type`, `per_device_batch`, `num_generations`,
 `steps`, `solved` (`mixed`: some prompts are never solved and others partly; `none`: no prompt is ever solved) and,
-optionally, `offline_aggregation`.
+optionally, `offline_aggregation` and `reward_model` (add a tiny reward model, weight 0, whose forwards each rank
+counts: a rank that runs fewer than another would hang a sharded reward model).
 """
 
 import argparse
@@ -36,7 +37,6 @@ import torch  # noqa: E402
 # The checkout's package first, whichever way the script is started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trl_hpt.data import ROW_INDEX  # noqa: E402
 from trl_hpt.demo import addition_rows, build_char_tokenizer, build_tiny_model  # noqa: E402
 
 
@@ -131,15 +131,27 @@ def build_trainer(case: dict, output_dir: str):
     )
     tokenizer = build_char_tokenizer(chat_template=False)
     model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, seed=0)
+    reward_funcs, reward_processing_classes, forwards = reward, None, []
+    if case.get("reward_model"):
+        from transformers import AutoModelForSequenceClassification
+
+        config.reward_weights = [1.0, 0.0]
+        scorer_config = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=1).config
+        scorer_config.num_labels = 1
+        scorer = AutoModelForSequenceClassification.from_config(scorer_config)
+        scorer.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        reward_funcs, reward_processing_classes = [reward, scorer], [None, tokenizer]
     trainer = HPTTrainer(
         model=model,
-        reward_funcs=reward,
+        reward_funcs=reward_funcs,
+        reward_processing_classes=reward_processing_classes,
         args=config,
         train_dataset=Dataset.from_list(ROWS),
         processing_class=tokenizer,
         rollout_func=make_rollout_func(case["solved"]),
     )
     trainer.remove_callback(PrinterCallback)  # the logs are in the records; keep the test's output short
+    trainer.reward_model_forwards = forwards
     return trainer
 
 
@@ -155,27 +167,31 @@ def record_steps(trainer) -> list[dict]:
     original_record = trainer._record_gate
     original_mix = trainer._mix_demonstrations
 
-    def _record_gate(hpt_fields, accuracy, alpha, beta, placed, num_generations):
+    def _record_gate(demos, accuracy, alpha, beta, placed, num_generations):
         pending.update(
             accuracy=accuracy.tolist(), alpha=alpha.tolist(), beta=beta.tolist(), placed=placed.bool().tolist()
         )
-        return original_record(hpt_fields, accuracy, alpha, beta, placed, num_generations)
+        return original_record(demos, accuracy, alpha, beta, placed, num_generations)
 
-    def _mix_demonstrations(output, inputs, hpt_fields, rewards_per_func, accuracy, num_generations):
-        output = original_mix(output, inputs, hpt_fields, rewards_per_func, accuracy, num_generations)
+    def _mix_demonstrations(output, inputs, demos, rewards_per_func, accuracy, num_generations):
+        output = original_mix(output, inputs, demos, rewards_per_func, accuracy, num_generations)
         mask = output["completion_mask"]
+        # A batch with nothing of HPT's in it is GRPOTrainer's own, without the HPT keys.
+        plain = {"hpt_offline": torch.zeros(mask.size(0), dtype=torch.bool), "hpt_weight": torch.ones(mask.size(0))}
+        plain["hpt_token_mean_tokens"] = torch.zeros(())
+        output_or_plain = {**plain, **output}
         steps.append(
             {
                 "step": trainer.state.global_step,
                 **pending,
-                "row_index": [int(f[ROW_INDEX]) for f in hpt_fields],
-                "offline": output["hpt_offline"].tolist(),
-                "weight": output["hpt_weight"].tolist(),
+                "row_index": [d.index for d in demos] if demos is not None else [],
+                "offline": output_or_plain["hpt_offline"].tolist(),
+                "weight": output_or_plain["hpt_weight"].tolist(),
                 "advantages": output["advantages"].tolist(),
                 "tokens": mask.sum(-1).tolist(),
                 "completions": [ids[m.bool()].tolist() for ids, m in zip(output["completion_ids"], mask)],
                 "num_items_in_batch": float(output["num_items_in_batch"]),
-                "token_mean_tokens": float(output["hpt_token_mean_tokens"]),
+                "token_mean_tokens": float(output_or_plain["hpt_token_mean_tokens"]),
             }
         )
         pending.clear()
@@ -199,7 +215,13 @@ def run_case(case: dict, output: Path) -> None:
         name: p.detach().clone() for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
     }
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    record = {"rank": rank, "num_processes": trainer.accelerator.num_processes, "steps": steps, "logs": logs}
+    record = {
+        "rank": rank,
+        "num_processes": trainer.accelerator.num_processes,
+        "steps": steps,
+        "logs": logs,
+        "reward_model_forwards": len(trainer.reward_model_forwards),
+    }
     (case_dir / f"rank{rank}.json").write_text(json.dumps(record))
     if trainer.accelerator.is_main_process:
         torch.save({"initial": initial, "final": final}, case_dir / "params.pt")

@@ -1,4 +1,4 @@
-"""Multi-process correctness (DESIGN 2.4): 2 CPU processes (gloo) against 1 process with the same global batch.
+"""Multi-process correctness: 2 CPU processes (gloo) against 1 process with the same global batch.
 
 Both runs execute `tests/distributed_worker.py` once for all cases (imports dominate the runtime): the 2-process run
 under `torchrun --nproc_per_node 2`, the 1-process reference with the per-device batch doubled. Rollouts come from a
@@ -28,7 +28,7 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 REPO = WORKER.parents[1]
 NUM_PROCESSES = 2
 G = 4
-# A whole launch: process start-up, 7 cases of 3 steps. A collective that hangs fails sooner, at the worker's
+# A whole launch: process start-up, 8 cases of 3 steps. A collective that hangs fails sooner, at the worker's
 # `ddp_timeout`.
 LAUNCH_TIMEOUT = 420
 # Max parameter difference relative to the largest parameter update. Correct runs measure ~1e-7 here; a rank-local
@@ -42,6 +42,8 @@ CASES = [
     {"name": "switch-grpo", "mode": "switch", "loss_type": "grpo", **SPANNING},
     {"name": "switch-dr_grpo", "mode": "switch", "loss_type": "dr_grpo", **SPANNING},
     {"name": "soft_luffy-dapo", "mode": "soft_luffy", "loss_type": "dapo", **SPANNING},
+    # LUFFY with a reward model: demonstrations are scored on every rank alike, placed there or not.
+    {"name": "soft_luffy-reward_model", "mode": "soft_luffy", "loss_type": "grpo", "reward_model": True, **SPANNING},
     # Demonstration tokens reduced with the rollouts: the row count dr_grpo divides by includes them.
     {
         "name": "switch_loss_type-dr_grpo",
@@ -222,6 +224,18 @@ def test_the_layouts_cover_groups_spanning_ranks_and_uneven_demonstrations(runs)
         uneven |= sum(ranks[0]["steps"][step]["offline"]) != sum(ranks[1]["steps"][step]["offline"])
     assert spanning_gated, "no gated group spanned the two ranks"
     assert uneven, "the ranks always held the same number of demonstrations"
+
+
+def test_every_rank_runs_the_reward_model_equally_often(runs):
+    """Rollouts and demonstrations go through one scoring path; every rank calls a reward model as often."""
+    ranks = runs["soft_luffy-reward_model"]["two"]["ranks"]
+    uneven = any(
+        sum(ranks[0]["steps"][step]["offline"]) != sum(ranks[1]["steps"][step]["offline"]) for step in range(3)
+    )
+    assert uneven, "the ranks always held the same number of demonstrations: the check would prove nothing"
+    counts = [rank["reward_model_forwards"] for rank in ranks]
+    # Each step: one forward for the rollouts and one for the demonstrations, on each rank.
+    assert counts == [2 * 3, 2 * 3], counts
 
 
 def test_a_rank_whose_rows_all_have_zero_weight_still_steps(runs):

@@ -1,4 +1,4 @@
-"""The unified estimator against closed forms (DESIGN 1.1), in float64, with padding and ratios far from 1."""
+"""The unified estimator against closed forms, in float64, with padding and ratios far from 1."""
 
 import math
 
@@ -43,7 +43,7 @@ def make_batch(seed=0):
 
 
 def closed_form(spec, lp, old, adv, mask):
-    """(value, dL/dlp) per token, written from the formulas of DESIGN 1.1 rather than from the implementation."""
+    """(value, dL/dlp) per token, written from the paper's formulas rather than from the implementation."""
     lp = lp.detach()
     p = lp.exp()
     A = torch.ones(B, 1, dtype=lp.dtype) if spec.advantage == "one" else adv.unsqueeze(1)
@@ -77,6 +77,11 @@ def closed_form(spec, lp, old, adv, mask):
         elif spec.stabilization == "cispo":
             w = torch.clamp(r, max=spec.epsilon_high)
             value, coef = -w * A * lp, -w * A
+        elif spec.stabilization == "sapo":
+            # SAPO: f(r) = 4 sigmoid(tau (r - 1)) / tau, f'(r) = 4 s (1 - s); d r / d lp = r.
+            tau = torch.where(A > 0, spec.sapo_temperatures[0], spec.sapo_temperatures[1])
+            sig = torch.sigmoid(tau * (r - 1))
+            value, coef = -4 * sig / tau * A, -4 * sig * (1 - sig) * r * A
         else:
             value, coef = -r * A, -r * A
     if spec.token_weight == "p_one_minus_p":
@@ -103,6 +108,7 @@ SPECS += [
     PRESETS["grpo"].replace(name="grpo_delta", delta=1.5, epsilon_high=0.28),
     PRESETS["grpo"].replace(name="grpo_sequence", reference="sequence", epsilon_low=0.05, epsilon_high=0.1),
     PRESETS["cispo"].replace(name="cispo_tight", epsilon_high=1.3),
+    PRESETS["sapo"].replace(name="sapo_sequence", reference="sequence", sapo_temperatures=(0.5, 2.0)),
     EstimatorSpec("is_reinforce", reference="rollout", stabilization="none"),
     EstimatorSpec("shaped_current", reference="current", stabilization="none", advantage="reward", shaping_gamma=0.2),
     EstimatorSpec("custom_offline", reference="one", stabilization="none", advantage="group_mixed", shaping_gamma=0.2),
@@ -201,10 +207,16 @@ def test_online_spec_from_grpo_config():
     args.loss_type, args.importance_sampling_level, args.epsilon_high = "cispo", "token", 5.0
     spec = online_spec_from_grpo_config(args)
     assert (spec.stabilization, spec.epsilon_high, spec.delta, spec.reference) == ("cispo", 5.0, None, "rollout")
-    for bad in ("sapo", "vespo", "luspo"):
-        args.loss_type = bad
-        with pytest.raises(ValueError, match=f"loss_type='{bad}'"):
-            online_spec_from_grpo_config(args)
+    args.loss_type, args.sapo_temperature_pos, args.sapo_temperature_neg = "sapo", 0.7, 1.3
+    spec = online_spec_from_grpo_config(args)
+    assert (spec.stabilization, spec.sapo_temperatures, spec.reference) == ("sapo", (0.7, 1.3), "rollout")
+    args.loss_type = "luspo"
+    assert online_spec_from_grpo_config(args).stabilization == "clip"  # LUSPO differs in aggregation only
+    args.loss_type = "vespo"  # TRL's gamma weight comes on top, as a token scale the trainer computes
+    assert online_spec_from_grpo_config(args).reference == "current"
+    args.loss_type = "ppo_kl"
+    with pytest.raises(ValueError, match="Unknown loss_type 'ppo_kl'"):
+        online_spec_from_grpo_config(args)
 
 
 # ---------------------------------------------------------------------------------------------------------------

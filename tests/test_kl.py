@@ -1,4 +1,4 @@
-"""The KL term (`beta > 0`) acts on rollout rows only (DESIGN 2.2, step 5).
+"""The KL term (`beta > 0`) acts on rollout rows only.
 
 GRPOTrainer adds `beta * KL(pi_theta || pi_ref)` per token, estimated with the k3 estimator
 `exp(ref - lp) - (ref - lp) - 1` from the reference model's log-probs of the rollout. HPTTrainer applies it to rollout

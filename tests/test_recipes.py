@@ -2,6 +2,7 @@
 and each one trains on a tiny local model with its own algorithm settings. The quickstart stays a quickstart."""
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from trl_hpt import HPTConfig, cli
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = ROOT / "examples" / "recipes"
 RECIPES = sorted(path.name for path in RECIPES_DIR.glob("*.yaml"))
-# Recipes are written for GPUs; parsing them on a CPU-only machine needs these (TrainingArguments checks bf16).
+CPU_RECIPE = "hpt_cpu_small.yaml"
+# The others are written for GPUs; parsing them on a CPU-only machine needs these (TrainingArguments checks bf16).
+GPU_RECIPES = [name for name in RECIPES if name != CPU_RECIPE]
 CPU = ["--bf16", "false", "--use_cpu", "true"]
 GPUS = 8  # the recipes' batch arithmetic is written for 8 GPUs (one machine)
 
@@ -36,6 +39,7 @@ def prompts_per_step(config, num_processes):
 def test_every_recipe_is_there():
     assert RECIPES == [
         "grpo.yaml",
+        "hpt_cpu_small.yaml",
         "hpt_llama3.1_8b.yaml",
         "hpt_lora.yaml",
         "hpt_qwen2.5_math_1.5b.yaml",
@@ -44,7 +48,7 @@ def test_every_recipe_is_there():
     ]
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", GPU_RECIPES)
 def test_recipe_parses_with_the_cli_parser(name):
     script_args, config, model_args = parse(name)
     assert isinstance(script_args, cli.HPTScriptArguments) and isinstance(config, HPTConfig)
@@ -64,7 +68,7 @@ def test_recipe_parses_with_the_cli_parser(name):
 
 
 def test_paper_recipe_has_the_papers_numbers():
-    """DESIGN section 4: the reference recipe for Qwen2.5-Math-7B."""
+    """The paper's reference recipe for Qwen2.5-Math-7B."""
     script_args, config, model_args = parse("hpt_qwen2.5_math_7b.yaml")
     assert model_args.model_name_or_path == "Qwen/Qwen2.5-Math-7B"
     assert script_args.dataset_name == "Elliott/Openr1-Math-46k-8192" and script_args.dataset_adapter == "luffy"
@@ -135,7 +139,7 @@ def local_files(tmp_path_factory):
     return write_tiny_checkpoint(root / "model"), write_luffy_jsonl(root / "train.jsonl")
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", GPU_RECIPES)
 def test_recipe_trains_a_tiny_model_with_its_algorithm(name, local_files, tmp_path, monkeypatch):
     model_dir, data_file = local_files
     registry = cli.get_reward_registry()
@@ -163,6 +167,50 @@ def test_recipe_trains_a_tiny_model_with_its_algorithm(name, local_files, tmp_pa
     assert log["hpt/prompt_accuracy"] == pytest.approx(1 / 8)
     assert log["hpt/sft_fraction"] == EXPECTED_SFT_FRACTION[name]
     assert (tmp_path / "README.md").is_file() and (tmp_path / "trainer_state.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CPU recipe runs as is
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_recipe_needs_no_override_but_the_model(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe names its data file relative to the repository root, where it is run
+    # Parsed without the CPU flags the GPU recipes need: the file sets them itself.
+    script_args, config, model_args = cli.make_parser("train").parse_args_and_config(
+        ["--config", str(RECIPES_DIR / CPU_RECIPE)]
+    )
+    values = raw(CPU_RECIPE)
+    assert values["bf16"] is False and config.use_cpu and not config.use_vllm and config.report_to == []
+    assert model_args.dtype == "float32" and not config.gradient_checkpointing
+    assert config.num_generations <= 4 and config.gradient_accumulation_steps <= 2
+    assert config.max_completion_length <= 256 and not config.push_to_hub
+    assert (config.feedback, config.switch_gate, config.offline_loss) == ("switch", 0.0, "sft")
+    # The data is a local file of the repository, read offline by its adapter.
+    data = Path(script_args.dataset_name)
+    assert not data.is_absolute() and data.is_file() and script_args.dataset_adapter == "problem_solution"
+    assert cli.resolve_reward_funcs(script_args.reward_funcs)
+
+
+def test_cpu_recipe_trains_two_steps_through_the_command(tmp_path, monkeypatch):
+    from helpers_tiny import save_tiny_model
+
+    monkeypatch.chdir(ROOT)
+    # The tiny model of the evaluation tests: a chat template, and positions for prompt + 128 completion tokens.
+    model_dir = save_tiny_model(tmp_path / "tiny-model")
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(RECIPES_DIR / CPU_RECIPE), "--model_name_or_path", model_dir]
+    assert cli.main([*argv, "--output_dir", str(out), "--max_steps", "2"]) == 0
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "hpt/sft_fraction" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2]
+    # A random model solves nothing: every prompt goes to SFT on the shipped worked solutions.
+    assert all(entry["hpt/sft_fraction"] == 1.0 and entry["hpt/no_demo_fraction"] == 0.0 for entry in logged)
+    assert (out / "model.safetensors").is_file() and (out / "hpt_report.json").is_file()
+    report = json.loads((out / "hpt_report.json").read_text())
+    prompts_per_step = 8 * 2 // 4  # per_device_train_batch_size x gradient_accumulation_steps / num_generations
+    assert report["num_records"] == 2 * prompts_per_step
 
 
 # ---------------------------------------------------------------------------------------------------------------------

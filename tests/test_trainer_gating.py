@@ -1,4 +1,4 @@
-"""Per-prompt gating: weights, demonstration placement, row skipping and the metrics (DESIGN 2.2, 2.3)."""
+"""Per-prompt gating: weights, demonstration placement, row skipping and the metrics."""
 
 import logging
 
@@ -94,6 +94,10 @@ def test_feedback_strategies_produce_their_weights(tmp_path, char_tokenizer, fee
     if callable(feedback):
         trainer.feedback_fn, expected = feedback, feedback
     out = generation_batch(trainer, G)
+    if feedback == "rl":
+        # Nothing of HPT's in the batch: it is GRPOTrainer's own, trained by GRPOTrainer's loss.
+        assert "hpt_weight" not in out and "hpt_offline" not in out
+        return
     weights, offline = out["hpt_weight"].view(-1, G), out["hpt_offline"].view(-1, G)
     for i, row in enumerate(rows):
         alpha, beta = expected(k[row["prompt"]] / G)
@@ -193,21 +197,23 @@ def test_conversational_demonstration_tokens_are_the_assistant_turn(tmp_path, ch
     rows = addition_rows(PAIRS, conversational=True)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, dense_reward)
     for row in trainer.train_dataset:
+        demo_ids = trainer.demonstrations.lookup(row).ids
         full = char_tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)[
             "input_ids"
         ]
         prompt = char_tokenizer.apply_chat_template(
             row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
-        assert row["hpt_demo_ids"] == full[len(prompt) :]
-        tokens = char_tokenizer.convert_ids_to_tokens(row["hpt_demo_ids"])
+        assert demo_ids == full[len(prompt) :]
+        tokens = char_tokenizer.convert_ids_to_tokens(demo_ids)
         assert tokens == [*row["solution"], "<|end|>"]
 
 
 def test_standard_demonstration_is_completion_plus_eos(tmp_path, char_tokenizer):
     trainer = make_trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward)
     for row in trainer.train_dataset:
-        assert char_tokenizer.convert_ids_to_tokens(row["hpt_demo_ids"]) == [*row["completion"], "<|end|>"]
+        ids = trainer.demonstrations.lookup(row).ids
+        assert char_tokenizer.convert_ids_to_tokens(ids) == [*row["completion"], "<|end|>"]
 
 
 def test_missing_demonstration_column_is_named(tmp_path, char_tokenizer):
@@ -246,21 +252,31 @@ def test_long_demonstration_is_truncated_once_and_counted(tmp_path, char_tokeniz
         )
     warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and "1 of 4" in warnings[0].getMessage()
-    assert len(trainer.train_dataset[2]["hpt_demo_ids"]) == 5
+    assert len(trainer.demonstrations.lookup(trainer.train_dataset[2]).ids) == 5
     generation_batch(trainer, G)
     assert trainer._metrics["train"]["hpt/demo_truncated_fraction"][-1] == 0.25
 
 
-def test_reward_none_is_not_correct(tmp_path, char_tokenizer):
+def test_reward_none_counts_as_neither_success_nor_failure(tmp_path, char_tokenizer):
+    """None (NaN) rewards are skipped, as GRPOTrainer skips them: P is over scored rollouts, unknown P is not SFT."""
     rows = addition_rows(PAIRS)
+    # prompt 0: nothing scored; prompt 1: one unscored, one correct of three scored; prompt 2: all wrong; 3: solved.
+    table = {0: [None] * G, 1: [None, 1.0, 0.0, 0.0], 2: [0.0] * G, 3: [1.0] * G}
+    index = {row["prompt"]: i for i, row in enumerate(rows)}
 
-    def none_reward(prompts, completions, **kwargs):
-        return [None] * len(prompts)
+    def reward(prompts, completions, **kwargs):
+        return [table[index[p]][i % G] for i, p in enumerate(prompts)]
 
-    trainer = make_trainer(tmp_path, char_tokenizer, rows, none_reward, success_threshold=0.0)
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, reward)
     out = generation_batch(trainer, G)
-    assert trainer._metrics["train"]["hpt/prompt_accuracy"][-1] == 0.0
-    assert out["hpt_offline"].view(-1, G)[:, -1].all()
+    offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
+    # Only prompt 2 (scored, never correct) goes to SFT; the unscored prompt trains as GRPO would (weight 1).
+    assert offline[:, -1].tolist() == [False, False, True, False]
+    assert weights[0].tolist() == [1.0] * G
+    metrics = trainer._metrics["train"]
+    assert metrics["hpt/prompt_accuracy"][-1] == pytest.approx((1 / 3 + 0 + 1) / 3)  # mean over known P
+    assert metrics["hpt/unscored_fraction"][-1] == 0.25
+    assert [r["accuracy"] for r in trainer.gate_history[-4:]] == [None, pytest.approx(1 / 3), 0.0, 1.0]
 
 
 def test_verifier_reward_index_selects_one_function(tmp_path, char_tokenizer):

@@ -15,7 +15,7 @@ from trl import GRPOTrainer
 
 from tests.conftest import assert_same, generation_batch, slot_reward, tiny_model, train_args
 from trl_hpt import HPTTrainer
-from trl_hpt.data import DEMO_IDS
+from trl_hpt.data import Demonstration
 from trl_hpt.demo import addition_rows
 
 
@@ -184,7 +184,7 @@ def test_swap_writes_neutral_vllm_fields_for_demonstrations(tmp_path, char_token
     before = {k: v.clone() for k, v in output.items()}
     demo = [30, 31, 32, 33, char_tokenizer.eos_token_id]  # longer than the rollouts: the batch widens
     offline = torch.tensor([False, False, False, True, False, False, False, False])
-    trainer._swap_in_demonstrations(output, offline, [{DEMO_IDS: demo}] * num_rows)
+    trainer._swap_in_demonstrations(output, offline, [Demonstration(demo)] * num_rows)
 
     new_width = len(demo)
     assert output["completion_ids"].shape == (num_rows, new_width)
@@ -215,7 +215,7 @@ def test_sequence_level_ratio_stays_per_sequence_when_rollouts_are_one_token_lon
         "advantages": torch.randn(num_rows),
     }
     offline = torch.tensor([False, False, False, True])
-    trainer._swap_in_demonstrations(output, offline, [{DEMO_IDS: [30, 31, char_tokenizer.eos_token_id]}] * num_rows)
+    trainer._swap_in_demonstrations(output, offline, [Demonstration([30, 31, char_tokenizer.eos_token_id])] * num_rows)
     assert output["completion_ids"].shape == (num_rows, 3)
     # Still one ratio per sequence: widening it would correct only each rollout's first token.
     assert output["importance_sampling_ratio"].shape == (num_rows, 1)

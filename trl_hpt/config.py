@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, UNSUPPORTED_LOSS_TYPES, get_preset
+from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, get_preset
 
 
 FEEDBACK_STRATEGIES = ("switch", "soft", "linear", "rl", "sft")
@@ -101,7 +101,7 @@ class HPTConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "How demonstration tokens are reduced. 'token_mean': a separate mean over all demonstration "
-            "tokens of the batch, added to the RL term (DESIGN 1.2). 'loss_type': together with the rollout tokens by "
+            "tokens of the batch, added to the RL term. 'loss_type': together with the rollout tokens by "
             "loss_type, each demonstration token weighted like a rollout token with advantage 1; under "
             "loss_type='dr_grpo' this is close to the balance of the paper's reference code, whose RL term is not "
             "divided by the number of rows. None: the preset's own (token_mean for sft and chord_phi, loss_type for "
@@ -148,11 +148,6 @@ class HPTConfig(GRPOConfig):
                     f"HPTConfig.offline_aggregation={self.offline_aggregation!r} does not apply to "
                     f"offline_loss={self.offline_loss!r}: {error} Leave offline_aggregation=None."
                 ) from None
-        if self.loss_type in UNSUPPORTED_LOSS_TYPES:
-            raise ValueError(
-                f"HPTConfig.loss_type={self.loss_type!r} is not an instance of the unified estimator and is not "
-                "supported by HPTTrainer; use 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'cispo'."
-            )
         if not 0.0 <= self.switch_gate < 1.0:
             raise ValueError(
                 f"HPTConfig.switch_gate must be in [0, 1) (a prompt accuracy), got {self.switch_gate}. "

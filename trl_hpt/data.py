@@ -1,28 +1,20 @@
-"""Demonstration preparation: checks the dataset and tokenises each demonstration once (DESIGN 2.1)."""
+"""Demonstration preparation: checks the training set and tokenises each demonstration once.
+
+The training rows users and reward functions see are left exactly as given: the tokenised demonstrations live in a
+[`DemonstrationStore`] beside the dataset, looked up by the content of each row.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from datasets import Dataset, IterableDataset
 
 
 logger = logging.getLogger(__name__)
-
-# Columns HPTTrainer adds to the training set; they never reach reward functions.
-DEMO_IDS = "hpt_demo_ids"
-DEMO_TRUNCATED = "hpt_demo_truncated"
-HAS_DEMO = "hpt_has_demo"
-ROW_INDEX = "hpt_row_index"
-HPT_COLUMNS = (DEMO_IDS, DEMO_TRUNCATED, HAS_DEMO, ROW_INDEX)
-
-
-def add_row_index(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
-    """Adds `hpt_row_index`, the row's position in the training set, so gate decisions can be traced to prompts."""
-    if ROW_INDEX in (column_names(dataset) or []):
-        return dataset
-    return dataset.map(lambda _, index: {ROW_INDEX: index}, with_indices=True)
 
 
 def column_names(dataset: Dataset | IterableDataset) -> list[str] | None:
@@ -41,7 +33,7 @@ def check_demonstration_column(dataset: Dataset | IterableDataset, column: str) 
         f"The training dataset has no demonstration column {column!r} (columns present: {names}). HPT pairs each "
         f"prompt with a demonstration: rename your demonstration column to {column!r}, set "
         "`HPTConfig(demonstration_column=...)` to its name, convert a public schema with `trl_hpt.adapters`, or use "
-        "`feedback='rl'` to train on prompts alone."
+        "`HPTConfig(feedback='rl')` to train on prompts alone (exactly GRPOTrainer)."
     )
 
 
@@ -76,17 +68,37 @@ def _bad_demonstration(value: Any):
 
 
 def demonstration_text(demonstration: Any) -> str | None:
-    """The demonstration as plain text (for string prompts), or `None` when missing or empty."""
+    """
+    The demonstration as plain text (for string prompts), or `None` when missing or empty.
+
+    A list of messages is accepted only when every message is the assistant's (their contents are joined): a user or
+    tool message would otherwise end up inside the text the model is trained to produce.
+    """
     if isinstance(demonstration, str):
         return demonstration if demonstration.strip() else None
     messages = demonstration_messages(demonstration)
     if messages is None:
         return None
+    roles = sorted({str(m.get("role")) for m in messages} - {"assistant"})
+    if roles:
+        raise ValueError(
+            f"A demonstration for a plain-text prompt holds messages with role(s) {roles}; only assistant messages can "
+            "be joined into a text completion. Use conversational prompts (lists of messages) for multi-turn "
+            "demonstrations, or keep only the assistant's text."
+        )
     return "".join(str(m["content"]) for m in messages)
 
 
 def _tokenizer_of(processing_class):
     return getattr(processing_class, "tokenizer", processing_class)
+
+
+class TokenizedDemonstration(NamedTuple):
+    """A demonstration's completion tokens and, for multi-turn ones, which of them the model generates."""
+
+    ids: list[int]
+    # 0 for tokens of tool messages (environment output, masked like GRPO's tool tokens); None when all are trained.
+    tool_mask: list[int] | None = None
 
 
 def tokenize_demonstration(
@@ -97,42 +109,61 @@ def tokenize_demonstration(
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
     tools: list | None = None,
-) -> list[int] | None:
+    eos_token_ids: list[int] | None = None,
+) -> TokenizedDemonstration | None:
     """
     The token ids a model would have to generate after `prompt` to produce `demonstration`.
 
-    Conversational rows: the tokens the chat template renders after the generation prompt (end-of-turn included),
+    Conversational rows: the tokens the chat template renders after the generation prompt, up to and including the
+    last end-of-turn token (rollouts stop there, so template text after it, such as ChatML's newline, is dropped);
     taken as the tail of the tokenised full conversation when the prompt tokens are its prefix (so token boundaries
-    match what generation sees); otherwise the rendered text after the prompt, tokenised alone. String rows: the
-    completion's tokens followed by EOS. Returns `None` for a missing or empty demonstration.
+    match what generation sees), otherwise the rendered text after the prompt, tokenised alone. Tokens of `tool`
+    messages inside a multi-turn demonstration get `tool_mask` 0. String rows: the completion's tokens followed by
+    EOS. Returns `None` for a missing or empty demonstration.
     """
     chat_template_kwargs = chat_template_kwargs or {}
     tokenizer = _tokenizer_of(processing_class)
+    stops = set(eos_token_ids or []) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     if _is_conversational_prompt(prompt):
         messages = demonstration_messages(demonstration)
         if messages is None:
             return None
         common = {"chat_template": chat_template, "tools": tools or None, **chat_template_kwargs}
-        prompt_ids = processing_class.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **common
-        )["input_ids"]
-        full_ids = processing_class.apply_chat_template(
-            prompt + messages, add_generation_prompt=False, tokenize=True, return_dict=True, **common
-        )["input_ids"]
-        prompt_ids, full_ids = _flat(prompt_ids), _flat(full_ids)
-        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return full_ids[len(prompt_ids) :]
-        prompt_text = processing_class.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=False, **common
-        )
-        full_text = processing_class.apply_chat_template(prompt + messages, tokenize=False, **common)
-        if not full_text.startswith(prompt_text):
-            raise ValueError(
-                "The chat template does not render the prompt (with the generation prompt) as a prefix of the "
-                "prompt followed by its demonstration, so the demonstration's tokens after the prompt are undefined. "
-                "Use a chat template whose assistant turn extends the generation prompt, or pass string prompts."
+
+        def render_ids(conversation, add_generation_prompt):
+            return _flat(
+                processing_class.apply_chat_template(
+                    conversation,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=True,
+                    return_dict=True,
+                    **common,
+                )["input_ids"]
             )
-        return list(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
+
+        prompt_ids, full_ids = render_ids(prompt, True), render_ids(prompt + messages, False)
+        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+            ids = full_ids[len(prompt_ids) :]
+            tool_mask = _tool_mask(prompt, messages, prompt_ids, ids, render_ids)
+        else:
+            prompt_text = processing_class.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=False, **common
+            )
+            full_text = processing_class.apply_chat_template(prompt + messages, tokenize=False, **common)
+            if not full_text.startswith(prompt_text):
+                raise ValueError(
+                    "The chat template does not render the prompt (with the generation prompt) as a prefix of the "
+                    "prompt followed by its demonstration, so the demonstration's tokens after the prompt are "
+                    "undefined. Use a chat template whose assistant turn extends the generation prompt, or pass "
+                    "string prompts."
+                )
+            ids = list(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
+            tool_mask = None
+        last_stop = max((i for i, t in enumerate(ids) if t in stops), default=None)
+        if last_stop is not None:
+            ids = ids[: last_stop + 1]
+            tool_mask = tool_mask[: last_stop + 1] if tool_mask is not None else None
+        return TokenizedDemonstration(ids, tool_mask)
     text = demonstration_text(demonstration)
     if text is None:
         return None
@@ -144,7 +175,25 @@ def tokenize_demonstration(
         )
     if not ids or ids[-1] != eos:
         ids.append(eos)
-    return ids
+    return TokenizedDemonstration(ids)
+
+
+def _tool_mask(prompt, messages, prompt_ids, ids, render_ids) -> list[int] | None:
+    """0 on the tokens of each `tool` message (found from the rendered prefixes), or None without tool messages."""
+    if not any(m.get("role") == "tool" for m in messages):
+        return None
+    mask = [1] * len(ids)
+    for j, message in enumerate(messages):
+        if message.get("role") != "tool":
+            continue
+        before, through = render_ids(prompt + messages[:j], False), render_ids(prompt + messages[: j + 1], False)
+        start, end = len(before) - len(prompt_ids), len(through) - len(prompt_ids)
+        # A template that re-renders earlier turns differently gives no token boundaries: train everything.
+        if start < 0 or through[: len(before)] != before or through != prompt_ids + ids[:end]:
+            logger.warning("The chat template gives no stable boundaries for tool messages; training their tokens.")
+            return None
+        mask[start:end] = [0] * (end - start)
+    return mask
 
 
 def _flat(ids) -> list[int]:
@@ -155,51 +204,135 @@ def _flat(ids) -> list[int]:
     return list(ids)
 
 
-def prepare_demonstrations(
-    dataset: Dataset | IterableDataset,
-    processing_class,
-    *,
-    column: str,
-    max_length: int,
-    chat_template: str | None = None,
-    chat_template_kwargs: dict | None = None,
-    tools: list | None = None,
-    num_proc: int | None = None,
-) -> Dataset | IterableDataset:
+class Demonstration(NamedTuple):
+    """The prepared demonstration of one training row."""
+
+    ids: list[int]  # empty when the row has none
+    truncated: bool = False
+    tool_mask: list[int] | None = None
+    index: int = -1  # the row's position in the training set, -1 when unknown
+
+    @property
+    def present(self) -> bool:
+        return bool(self.ids)
+
+
+def row_key(prompt: Any, demonstration: Any) -> bytes:
+    """A digest of a row's prompt and demonstration: how a row from the dataloader finds its prepared demonstration."""
+    payload = json.dumps([prompt, demonstration], sort_keys=True, default=repr, ensure_ascii=False)
+    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).digest()
+
+
+class DemonstrationStore:
     """
-    Adds the tokenised demonstration of every row (`hpt_demo_ids`, `hpt_demo_truncated`, `hpt_has_demo`).
+    The tokenised demonstrations of a training set, kept beside it.
 
-    Runs once, when the trainer is built. Rows whose demonstration is `None` or empty get `hpt_has_demo=False`;
-    they are trained by RL only. Demonstrations longer than `max_length` tokens are truncated, with one warning.
+    HPTTrainer never adds columns to the training rows: GRPOTrainer's `_prepare_inputs` and every reward function see
+    the rows exactly as given. A map-style dataset is tokenised once at construction (with `num_proc` processes) into
+    an Arrow table, looked up by [`row_key`]; rows the store has not seen (an `IterableDataset`, a dataset changed
+    after construction) are tokenised the first time they appear and cached.
+
+    Args:
+        processing_class: the trainer's tokenizer or processor.
+        column (`str`): the demonstration column.
+        max_length (`int`): demonstrations longer than this many tokens are truncated.
+        chat_template, chat_template_kwargs, tools: as generation renders prompts.
+        eos_token_ids (`list[int]`, *optional*): the tokens that end a rollout.
     """
-    check_demonstration_column(dataset, column)
 
-    def tokenize_row(row):
-        if column not in row:
-            check_demonstration_column(Dataset.from_list([dict.fromkeys(row)]), column)
-        ids = tokenize_demonstration(
-            row["prompt"],
-            row[column],
-            processing_class,
-            chat_template=chat_template,
-            chat_template_kwargs=chat_template_kwargs,
-            tools=tools,
-        )
-        if ids is None:
-            return {DEMO_IDS: [], DEMO_TRUNCATED: False, HAS_DEMO: False}
-        return {DEMO_IDS: ids[:max_length], DEMO_TRUNCATED: len(ids) > max_length, HAS_DEMO: True}
+    def __init__(
+        self,
+        processing_class,
+        *,
+        column: str,
+        max_length: int,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        tools: list | None = None,
+        eos_token_ids: list[int] | None = None,
+    ):
+        self.processing_class = processing_class
+        self.column = column
+        self.max_length = max_length
+        self._render = {
+            "chat_template": chat_template,
+            "chat_template_kwargs": chat_template_kwargs,
+            "tools": tools,
+            "eos_token_ids": eos_token_ids,
+        }
+        self._table: Dataset | None = None
+        self._positions: dict[bytes, int] = {}
+        self._cache: dict[bytes, Demonstration] = {}
 
-    if isinstance(dataset, IterableDataset):
-        return dataset.map(tokenize_row)
-    prepared = dataset.map(tokenize_row, num_proc=num_proc, desc="Tokenizing demonstrations")
-    truncated = sum(prepared[DEMO_TRUNCATED])
-    missing = len(prepared) - sum(prepared[HAS_DEMO])
-    if truncated:
-        logger.warning(
-            f"{truncated} of {len(prepared)} demonstrations are longer than max_demonstration_length={max_length} "
-            "tokens and were truncated (their end-of-turn token is cut off). Raise max_demonstration_length / "
-            "max_completion_length or filter long demonstrations; `hpt/demo_truncated_fraction` tracks this."
+    def _prepare(self, prompt: Any, demonstration: Any, index: int = -1) -> Demonstration:
+        try:
+            tokenized = tokenize_demonstration(prompt, demonstration, self.processing_class, **self._render)
+        except ValueError as error:
+            where = f"row {index}" if index >= 0 else "a row"
+            raise ValueError(f"Demonstration column {self.column!r}, {where}: {error}") from None
+        if tokenized is None:
+            return Demonstration([], index=index)
+        ids, mask = tokenized
+        truncated = len(ids) > self.max_length
+        mask = mask[: self.max_length] if mask is not None else None
+        return Demonstration(ids[: self.max_length], truncated, mask, index)
+
+    def add_dataset(self, dataset: Dataset | IterableDataset, num_proc: int | None = None) -> None:
+        """Tokenises every demonstration of a map-style dataset (an `IterableDataset` is prepared lazily)."""
+        check_demonstration_column(dataset, self.column)
+        if isinstance(dataset, IterableDataset):
+            return
+
+        def prepare_row(row, index):
+            demo = self._prepare(row["prompt"], row[self.column], index)
+            return {
+                "key": row_key(row["prompt"], row[self.column]),
+                "ids": demo.ids,
+                "truncated": demo.truncated,
+                "tool_mask": demo.tool_mask,
+            }
+
+        self._table = dataset.map(
+            prepare_row,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=num_proc,
+            desc="Tokenizing demonstrations",
         )
-    if missing:
-        logger.info(f"{missing} of {len(prepared)} rows have no demonstration; their prompts are trained by RL only.")
-    return prepared
+        self._positions = {}
+        for position, key in enumerate(self._table["key"]):
+            self._positions.setdefault(key, position)
+        total = len(self._table)
+        truncated = sum(self._table["truncated"])
+        missing = sum(1 for ids in self._table["ids"] if not ids)
+        if truncated:
+            logger.warning(
+                f"{truncated} of {total} demonstrations are longer than max_demonstration_length={self.max_length} "
+                "tokens and were truncated (their end-of-turn token is cut off). Raise max_demonstration_length / "
+                "max_completion_length or filter long demonstrations; `hpt/demo_truncated_fraction` tracks this."
+            )
+        if missing:
+            logger.info(f"{missing} of {total} rows have no demonstration; their prompts are trained by RL only.")
+
+    @property
+    def num_present(self) -> int | None:
+        """How many rows of the prepared dataset have a demonstration (None for an iterable dataset)."""
+        if self._table is None:
+            return None
+        return sum(1 for ids in self._table["ids"] if ids)
+
+    def lookup(self, row: dict) -> Demonstration:
+        """The prepared demonstration of a training row."""
+        if self.column not in row:
+            raise ValueError(
+                f"A training row has no demonstration column {self.column!r} (columns present: {sorted(row)}). Set "
+                "`HPTConfig(demonstration_column=...)` or use `HPTConfig(feedback='rl')` to train on prompts alone."
+            )
+        key = row_key(row["prompt"], row[self.column])
+        position = self._positions.get(key)
+        if position is not None:
+            record = self._table[position]
+            return Demonstration(record["ids"], record["truncated"], record["tool_mask"], position)
+        if key not in self._cache:
+            self._cache[key] = self._prepare(row["prompt"], row[self.column])
+        return self._cache[key]

@@ -25,13 +25,11 @@ import torch
 
 
 REFERENCES = ("current", "rollout", "sequence", "one")
-STABILIZATIONS = ("none", "clip", "cispo")
+STABILIZATIONS = ("none", "clip", "cispo", "sapo")
 ADVANTAGES = ("one", "reward", "group", "group_mean", "batch", "sign", "group_mixed")
 TOKEN_WEIGHTS = ("none", "p_one_minus_p")
 AGGREGATIONS = ("loss_type", "token_mean")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
-# TRL loss types whose objective is not of the estimator's form; HPTTrainer refuses them at construction.
-UNSUPPORTED_LOSS_TYPES = ("sapo", "vespo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,10 @@ class EstimatorSpec:
         stabilization (`str`, *optional*, defaults to `"clip"`):
             The mask `1_stable`: `"none"`, `"clip"` (PPO's two-sided clip of the ratio to `[1 - epsilon_low, 1 +
             epsilon_high]`, optionally capped at `delta`) or `"cispo"` (the ratio clipped at `epsilon_high` and
-            detached, used as a token weight). Both need a ratio, so a `"rollout"` or `"sequence"` reference.
+            detached, used as a token weight) or `"sapo"` (SAPO's soft gate: the ratio through
+            `4 sigmoid(tau (r - 1)) / tau`, whose gradient weighs each token by `4 sigma (1 - sigma)` instead of a 0/1
+            clip indicator; `tau` from `sapo_temperatures` by the sign of the advantage). All need a ratio, so a
+            `"rollout"` or `"sequence"` reference.
         advantage (`str`, *optional*, defaults to `"group"`):
             The advantage estimate `A_hat`: `"one"` (SFT: advantages are ignored), `"reward"` (the raw reward),
             `"group"` (`(R - mean_G) / std_G`), `"group_mean"` (`R - mean_G`, Dr. GRPO), `"batch"` (group mean,
@@ -65,6 +66,8 @@ class EstimatorSpec:
         shaping_gamma (`float`, *optional*):
             Likelihood shaping `f(p) = p / (p + gamma)` on `grad pi_theta` (LUFFY uses 0.1). `None` means no shaping.
             Only meaningful with a `"current"` or `"one"` reference.
+        sapo_temperatures (`tuple[float, float]`, *optional*, defaults to `(1.0, 1.05)`):
+            SAPO's `tau` for positive and for non-positive advantages.
         token_weight (`str`, *optional*, defaults to `"none"`):
             A detached per-token weight: `"none"` or `"p_one_minus_p"` (CHORD-phi, `phi = p (1 - p)`).
         aggregation (`str`, *optional*, defaults to `"loss_type"`):
@@ -80,6 +83,7 @@ class EstimatorSpec:
     epsilon_high: float = 0.2
     delta: float | None = None
     shaping_gamma: float | None = None
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05)
     token_weight: str = "none"
     aggregation: str = "loss_type"
 
@@ -94,7 +98,7 @@ class EstimatorSpec:
             value = getattr(self, field_name)
             if value not in allowed:
                 raise ValueError(f"EstimatorSpec {self.name!r}: {field_name}={value!r} is not one of {allowed}.")
-        needs_ratio = self.stabilization in ("clip", "cispo")
+        needs_ratio = self.stabilization in ("clip", "cispo", "sapo")
         if needs_ratio and self.reference not in ("rollout", "sequence"):
             raise ValueError(
                 f"EstimatorSpec {self.name!r}: stabilization={self.stabilization!r} clips the importance ratio "
@@ -153,6 +157,10 @@ class EstimatorSpec:
             epsilon_low=args.epsilon,
             epsilon_high=epsilon_high,
             delta=getattr(args, "delta", None) if self.stabilization == "clip" else None,
+            sapo_temperatures=(
+                getattr(args, "sapo_temperature_pos", self.sapo_temperatures[0]),
+                getattr(args, "sapo_temperature_neg", self.sapo_temperatures[1]),
+            ),
         )
 
 
@@ -167,6 +175,10 @@ PRESETS: dict[str, EstimatorSpec] = {
         EstimatorSpec("cispo", reference="rollout", stabilization="cispo", advantage="group", epsilon_high=5.0),
         # GSPO's paper uses a much narrower range, since the sequence ratio is a geometric mean.
         EstimatorSpec("gspo", reference="sequence", stabilization="clip", epsilon_low=3e-4, epsilon_high=4e-4),
+        EstimatorSpec("sapo", reference="rollout", stabilization="sapo", advantage="group"),
+        # VESPO's gamma weight phi(w) is a detached sequence-level factor that TRL computes
+        # (`GRPOTrainer.get_gamma_weights`); the trainer passes it as a token scale on top of this REINFORCE form.
+        EstimatorSpec("vespo", reference="current", stabilization="none", advantage="group"),
         EstimatorSpec("srft", reference="one", stabilization="none", advantage="group_mixed"),
         EstimatorSpec("luffy", reference="one", stabilization="none", advantage="group_mixed", shaping_gamma=0.1),
         EstimatorSpec(
@@ -194,18 +206,14 @@ def online_spec_from_grpo_config(args: Any) -> EstimatorSpec:
     """
     The estimator `GRPOTrainer` applies to rollouts for a given `GRPOConfig`.
 
-    `loss_type` picks the stabilization (`cispo` or PPO clip); everything else comes from
-    [`EstimatorSpec.with_grpo_config`]. Loss types the estimator does not express raise a `ValueError`.
+    `loss_type` picks the stabilization (`cispo`, SAPO's soft gate, VESPO's REINFORCE form, or PPO clip for the
+    others, `luspo` included: it differs in aggregation only); everything else comes from
+    [`EstimatorSpec.with_grpo_config`].
     """
     loss_type = args.loss_type
-    if loss_type in UNSUPPORTED_LOSS_TYPES:
-        raise ValueError(
-            f"loss_type={loss_type!r} is not an instance of the unified estimator (its surrogate is not of the form "
-            f"1_stable * A * grad pi / pi_ref), so HPTTrainer does not support it. Use one of {LOSS_TYPES}."
-        )
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown loss_type {loss_type!r}; HPTTrainer supports {LOSS_TYPES}.")
-    base = PRESETS["cispo" if loss_type == "cispo" else "grpo"]
+    base = PRESETS[loss_type if loss_type in ("cispo", "sapo", "vespo") else "grpo"]
     advantage = {"group": "group", "batch": "batch", "none": "group_mean"}.get(getattr(args, "scale_rewards", "group"))
     return base.with_grpo_config(args).replace(advantage=advantage or "group")
 
@@ -296,6 +304,10 @@ def per_token_policy_loss(
             loss = -torch.min(unclipped * adv, clipped * adv)
         elif spec.stabilization == "cispo":
             loss = -torch.clamp(ratio, max=spec.epsilon_high).detach() * adv * lp
+        elif spec.stabilization == "sapo":
+            positive, negative = spec.sapo_temperatures
+            tau = torch.where(adv > 0, positive, negative)
+            loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
         else:
             loss = -ratio * adv
         loss = loss.expand_as(lp)
@@ -388,6 +400,55 @@ def mixed_group_advantages(
     return group_advantages(mixed, num_generations, scale_rewards, eps)
 
 
+def grpo_advantages(
+    rewards_per_func: torch.Tensor,
+    reward_weights: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    multi_objective_aggregation: str = "sum_then_normalize",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """
+    Advantages from per-function rewards exactly as `GRPOTrainer._generate_and_score_completions` (TRL 1.16) forms
+    them, so that a batch whose rewards were edited (a demonstration's in its rollout's slot) is normalised the same way.
+
+    `"sum_then_normalize"`: the weighted total, centred per group and scaled as `scale_rewards` says (see
+    [`group_advantages`]). `"normalize_then_sum"`: each function's rewards standardised per group, the weighted sum of
+    those standardised over the whole batch. Rows every function left unscored (all NaN) get advantage 0.
+
+    Args:
+        rewards_per_func (`torch.Tensor` of shape `(N, F)`): rewards of consecutive groups, NaN for `None`.
+        reward_weights (`torch.Tensor` of shape `(F,)`): the config's reward weights.
+        num_generations (`int`): group size `G`.
+        scale_rewards (`str`): `"group"`, `"batch"` or `"none"`.
+        multi_objective_aggregation (`str`): `"sum_then_normalize"` or `"normalize_then_sum"`.
+    """
+    from trl.trainer.utils import nanstd
+
+    weights = reward_weights.to(rewards_per_func.device, rewards_per_func.dtype).unsqueeze(0)
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    if multi_objective_aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        return group_advantages(rewards, num_generations, scale_rewards, eps)
+    elif multi_objective_aggregation == "normalize_then_sum":
+        num_funcs = rewards_per_func.size(1)
+        grouped = rewards_per_func.view(-1, num_generations, num_funcs)
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        std = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
+        standardised = ((grouped - mean) / (std + eps)).view(-1, num_funcs)
+        rewards = (standardised * weights).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        batch_std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = (rewards - torch.nanmean(rewards)) / (batch_std + eps)
+    else:
+        raise ValueError(
+            f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got "
+            f"{multi_objective_aggregation!r}."
+        )
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
 def sign_advantages(rewards: torch.Tensor, success_threshold: float = 1.0) -> torch.Tensor:
     """REINFORCE-sign advantages: `+1` for a correct rollout (reward >= threshold), `-1` otherwise (NaN included)."""
     correct = torch.nan_to_num(rewards, nan=-math.inf) >= success_threshold
@@ -421,7 +482,7 @@ def compute_advantages(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Aggregation (DESIGN 1.2)
+# Aggregation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -440,21 +501,26 @@ def loss_type_denominator(
     """
     The number TRL divides a micro-batch's summed loss by, for each `loss_type`.
 
-    `grpo` divides the sum of per-sequence token means by `num_rows`; `bnpo` the token sum by the micro-batch's
-    `num_tokens`; `dr_grpo` by `num_rows * max_completion_length`; `dapo`/`cispo` by the generation batch's global
-    token count `num_items_in_batch`, spread over processes and accumulation steps. All but `dapo`/`cispo` are also
+    `grpo`/`sapo` divide the sum of per-sequence token means by `num_rows`; `luspo` the sum of per-sequence token
+    sums by `num_rows`; `bnpo` the token sum by the micro-batch's `num_tokens`; `dr_grpo` by `num_rows *
+    max_completion_length`; `dapo`/`cispo`/`vespo` by the generation batch's global token count
+    `num_items_in_batch` (at least 1), spread over processes and accumulation steps. All but the last three are also
     divided by the gradient-accumulation steps in training, as `GRPOTrainer` does (Trainer's own scaling is off).
+
+    `num_rows` and `num_tokens` may be fractional (a global count spread over processes and micro-batches): only a
+    zero count is replaced, by 1, so a count clamped before it was spread is not clamped again.
     """
     accumulation = gradient_accumulation_steps if training else 1
-    if loss_type == "grpo":
-        return max(num_rows, 1.0) * accumulation
+    num_rows = num_rows if num_rows > 0 else 1.0
+    if loss_type in ("grpo", "sapo", "luspo"):
+        return num_rows * accumulation
     if loss_type == "bnpo":
-        return max(num_tokens, 1.0) * accumulation
+        return (num_tokens if num_tokens > 0 else 1.0) * accumulation
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length.")
-        return max(num_rows, 1.0) * max_completion_length * accumulation
-    if loss_type in ("dapo", "cispo"):
+        return num_rows * max_completion_length * accumulation
+    if loss_type in ("dapo", "cispo", "vespo"):
         if num_items_in_batch is None:
             raise ValueError(f"loss_type={loss_type!r} needs num_items_in_batch (the generation batch's tokens).")
         denominator = max(float(num_items_in_batch), 1.0) / num_processes
@@ -481,7 +547,7 @@ def aggregate_loss(
     would; otherwise it comes from [`loss_type_denominator`] with `num_rows`/`num_tokens` of this batch.
     """
     mask = mask.to(per_token_loss.dtype)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         per_row = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     else:
         per_row = (per_token_loss * mask).sum(-1)
@@ -508,7 +574,7 @@ def token_mean_loss(
         per_row = per_row * row_weights.to(per_row.dtype)
     if denominator is None:
         denominator = float(mask.sum())
-    return per_row.sum() / max(denominator, 1.0)
+    return per_row.sum() / (denominator if denominator > 0 else 1.0)
 
 
 class HybridLoss(NamedTuple):
@@ -567,7 +633,7 @@ def hybrid_loss(
     online_token_bias: torch.Tensor | None = None,
 ) -> HybridLoss:
     r"""
-    HPT's loss for one micro-batch (DESIGN 1.2), in a single pass over rows that mix two specs.
+    HPT's loss for one micro-batch, in a single pass over rows that mix two specs.
 
         L = [sum_online alpha_i l_i + sum_{offline, loss_type agg.} c beta_i l_i] / policy_denominator
             + c * sum_{offline, token_mean agg.} beta_i l_i / token_mean_denominator

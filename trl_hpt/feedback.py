@@ -1,4 +1,4 @@
-"""Performance feedback: per-prompt accuracy and the mixing coefficients (alpha, beta) it selects (DESIGN 2.2)."""
+"""Performance feedback: per-prompt accuracy and the mixing coefficients (alpha, beta) it selects."""
 
 from __future__ import annotations
 
@@ -34,12 +34,16 @@ def verifier_rewards(
 
 def prompt_accuracy(rewards: torch.Tensor, num_generations: int, success_threshold: float = 1.0) -> torch.Tensor:
     """
-    `P_q`: the share of each group's rollouts whose verifier reward is at least `success_threshold`.
+    `P_q`: the share of each group's scored rollouts whose verifier reward is at least `success_threshold`.
 
-    Unscored rollouts (NaN) count as incorrect. `rewards` holds consecutive groups of `num_generations`.
+    An unscored rollout (NaN: the verifier returned `None`) counts as neither success nor failure, as `None` means
+    "skip" to `GRPOTrainer`: it is left out of the share. A group with no scored rollout has `P = NaN` (unknown).
+    `rewards` holds consecutive groups of `num_generations`.
     """
-    correct = torch.nan_to_num(rewards.float(), nan=-math.inf) >= success_threshold
-    return correct.view(-1, num_generations).float().mean(dim=1)
+    grouped = rewards.float().view(-1, num_generations)
+    scored = ~torch.isnan(grouped)
+    correct = (torch.nan_to_num(grouped, nan=-math.inf) >= success_threshold) & scored
+    return correct.sum(dim=1) / scored.sum(dim=1)  # 0 / 0 = NaN for a group nothing scored
 
 
 def feedback_weights(
@@ -52,9 +56,18 @@ def feedback_weights(
         strategy: `"switch"` (`alpha = 1[P > gate]`, `beta = 1[P <= gate]`), `"soft"` (both 1), `"linear"`
             (`alpha = P`, `beta = 1 - P`), `"rl"` (`1, 0`), `"sft"` (`0, 1`), or a callable mapping one accuracy
             (a float) to `(alpha, beta)`.
-        accuracy (`torch.Tensor` of shape `(num_prompts,)`): `P` per prompt.
+        accuracy (`torch.Tensor` of shape `(num_prompts,)`): `P` per prompt; NaN where no rollout was scored.
         switch_gate (`float`): the gate of `"switch"`.
+
+    A prompt of unknown accuracy is never sent to SFT by a strategy that reads `P` (`switch`, `linear`, a callable):
+    it gets `(1, 0)`, which is what `GRPOTrainer` does with it (its unscored rollouts have advantage 0). The
+    strategies that ignore `P` (`soft`, `rl`, `sft`) give it their constant weights.
     """
+    unknown = torch.isnan(accuracy)
+    if unknown.any() and (callable(strategy) or strategy in ("switch", "linear")):
+        known = torch.where(unknown, torch.zeros_like(accuracy), accuracy)
+        alpha, beta = feedback_weights(strategy, known, switch_gate)
+        return torch.where(unknown, torch.ones_like(alpha), alpha), torch.where(unknown, torch.zeros_like(beta), beta)
     ones, zeros = torch.ones_like(accuracy), torch.zeros_like(accuracy)
     if callable(strategy):
         pairs = [strategy(float(p)) for p in accuracy.tolist()]

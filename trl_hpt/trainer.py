@@ -2,39 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-import math
+from collections import defaultdict
 from typing import Any, NamedTuple
 
 import torch
 import trl
 from accelerate.utils import gather
 from packaging.version import Version
-from torch import nn
 from trl import GRPOConfig, GRPOTrainer
-from trl.data_utils import apply_chat_template, is_conversational
+from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id, nanmax, nanmin
 
 from trl_hpt.callbacks import HPTReportCallback
 from trl_hpt.config import HPTConfig
 from trl_hpt.data import (
-    DEMO_IDS,
-    DEMO_TRUNCATED,
-    HAS_DEMO,
-    HPT_COLUMNS,
-    ROW_INDEX,
-    add_row_index,
+    Demonstration,
+    DemonstrationStore,
     check_demonstration_column,
-    prepare_demonstrations,
+    demonstration_messages,
+    demonstration_text,
 )
 from trl_hpt.estimator import (
     get_preset,
+    grpo_advantages,
     hybrid_loss,
-    importance_ratio,
     loss_type_denominator,
-    mixed_group_advantages,
     online_spec_from_grpo_config,
 )
 from trl_hpt.feedback import FeedbackFn, feedback_weights, prompt_accuracy, verifier_rewards
@@ -53,8 +46,13 @@ _PER_TOKEN_FILL = {
     "importance_sampling_ratio": 1.0,
     "tool_mask": 1,
 }
+# (B, prompt + completion) keys of vision-language batches: they widen and narrow with the completion.
+_PROMPT_COMPLETION_KEYS = ("token_type_ids", "mm_token_type_ids")
 # Multimodal inputs are not row-sliceable in one simple way; with them, the loss pass keeps every row.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes")
+# Loss types whose GRPOTrainer loss is already divided by the accumulation steps inside its token normaliser.
+_GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
+_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _OFFLINE, _WEIGHT, _TOKEN_MEAN_TOKENS = "hpt_offline", "hpt_weight", "hpt_token_mean_tokens"
 _POLICY_ROWS = "hpt_policy_rows"
 
@@ -83,15 +81,16 @@ class HPTTrainer(GRPOTrainer):
 
     The demonstration takes the last rollout slot of its group, and a single loss pass evaluates rollout rows with
     the online estimator of the config's `loss_type` and demonstration rows with `offline_loss`
-    ([`~trl_hpt.estimator.hybrid_loss`]). Rows of weight zero are not run through the model.
+    ([`~trl_hpt.estimator.hybrid_loss`]). Rows of weight zero are not run through the model. With `feedback="rl"`
+    the batch is GRPOTrainer's own and its loss is `GRPOTrainer._compute_loss`.
 
-    Everything else is `GRPOTrainer`'s: generation (transformers or vLLM), reward functions, PEFT, callbacks,
-    Accelerate. The overridden internals are:
+    Everything else is `GRPOTrainer`'s: generation (transformers or vLLM), reward functions (demonstrations of
+    `luffy`/`srft` are scored through the same `_calculate_rewards`), PEFT, callbacks, Accelerate. The training rows
+    are left as given; tokenised demonstrations live beside them in `self.demonstrations`. The overridden internals:
 
     - `_generate_and_score_completions`: computes `P` from gathered rewards, the weights, and swaps demonstrations in;
     - `_calculate_rewards`: keeps the gathered rewards (read-only) for the gate;
-    - `_compute_loss`: the hybrid loss over the weighted rows;
-    - `_set_signature_columns_if_needed`: keeps the prepared demonstration columns.
+    - `_compute_loss`: the hybrid loss over the weighted rows (GRPOTrainer's own when no HPT row is in the batch).
 
     Args:
         model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks, optimizers, peft_config, **kwargs:
@@ -149,8 +148,11 @@ class HPTTrainer(GRPOTrainer):
         self.offline_spec = offline
         self._uses_demonstrations = feedback_fn is not None or args.feedback != "rl"
         self._hpt_gathered_rewards: torch.Tensor | None = None
-        # Zero-weight rows contribute nothing; off only to check that skipping them changes nothing.
+        self._scoring_demonstrations = False
+        # Both off only to check that they change nothing: skipping zero-weight rows in the loss pass, and handing
+        # batches without HPT rows to GRPOTrainer's own loss.
         self._skip_zero_weight_rows = True
+        self._delegate_plain_batches = True
 
         if self._uses_demonstrations and train_dataset is not None:
             # Checked before the model loads, so a wrong column fails fast.
@@ -173,33 +175,44 @@ class HPTTrainer(GRPOTrainer):
                 f"HPTConfig.verifier_reward_index={args.verifier_reward_index} but {len(self.reward_funcs)} reward "
                 "function(s) were given; use an index into reward_funcs or None for the weighted total."
             )
+        if self._uses_demonstrations and args.verifier_reward_index is None and len(self.reward_funcs) > 1:
+            logger.warning(
+                f"{len(self.reward_funcs)} reward functions and HPTConfig.verifier_reward_index=None: a rollout counts "
+                f"as correct when the weighted total reward is >= success_threshold={args.success_threshold}, so "
+                "auxiliary rewards (format, length) can make a wrong answer count as correct. Set "
+                "verifier_reward_index to the index of the correctness reward."
+            )
+        if self.offline_spec.advantage == "group_mixed" and self.environment_factories is not None:
+            raise ValueError(
+                f"HPTConfig.offline_loss={args.offline_loss!r} scores each demonstration with the reward functions, "
+                "but with environments a reward reads the state of the environment a rollout ran in, which a "
+                "demonstration never had. Use offline_loss='sft' or 'chord_phi' with environments."
+            )
         # Per-step gate decisions (step, prompt, P, alpha, beta), kept on the main process for reports.
         self.gate_history: list[dict] = []
         if args.hpt_report and not any(isinstance(c, HPTReportCallback) for c in self.callback_handler.callbacks):
             self.add_callback(HPTReportCallback(self))
-        if self.train_dataset is not None:
-            self.train_dataset = add_row_index(self.train_dataset)
-        if self._uses_demonstrations and self.train_dataset is not None:
-            # Tokenised once, with the processing class and chat template generation uses.
-            self.train_dataset = prepare_demonstrations(
-                self.train_dataset,
+        self.demonstrations: DemonstrationStore | None = None
+        if self._uses_demonstrations:
+            # Tokenised once, with the processing class and chat template generation uses; the rows stay as given.
+            self.demonstrations = DemonstrationStore(
                 self.processing_class,
                 column=args.demonstration_column,
                 max_length=args.max_demonstration_length or args.max_completion_length,
                 chat_template=self.chat_template,
                 chat_template_kwargs=self.chat_template_kwargs,
                 tools=self.tools,
-                num_proc=getattr(args, "dataset_num_proc", None),
+                eos_token_ids=list(self.eos_token_ids),
             )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Data
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *HPT_COLUMNS]))
+            if self.train_dataset is not None:
+                self.demonstrations.add_dataset(self.train_dataset, num_proc=getattr(args, "dataset_num_proc", None))
+                if self.demonstrations.num_present == 0:
+                    raise ValueError(
+                        f"Every demonstration in column {args.demonstration_column!r} is missing or empty, so "
+                        f"feedback={args.feedback!r} could never send a prompt to SFT and this run would be plain "
+                        "GRPO. Fill the column, point HPTConfig.demonstration_column at the right one, or use "
+                        "HPTConfig(feedback='rl') for GRPO."
+                    )
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation: the gate
@@ -207,37 +220,41 @@ class HPTTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._hpt_gathered_rewards = rewards_per_func
+        if not self._scoring_demonstrations:
+            self._hpt_gathered_rewards = rewards_per_func
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
-        hpt_fields = [{k: x.get(k) for k in HPT_COLUMNS} for x in inputs]
-        inputs = [{k: v for k, v in x.items() if k not in HPT_COLUMNS} for x in inputs]
+        demos = None
+        if mode == "train" and self.demonstrations is not None:
+            # Looked up before generation: TRL may merge rollout fields into the rows it is handed.
+            demos = [self.demonstrations.lookup(x) for x in inputs]
         self._hpt_gathered_rewards = None
         output = super()._generate_and_score_completions(inputs)
         rewards_per_func = self._hpt_gathered_rewards
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         verifier = verifier_rewards(rewards_per_func, self.reward_weights, self.args.verifier_reward_index)
         accuracy = prompt_accuracy(verifier, num_generations, self.args.success_threshold)
-        self._metrics[mode]["hpt/prompt_accuracy"].append(accuracy.mean().item())
+        self._metrics[mode]["hpt/prompt_accuracy"].append(accuracy.nanmean().nan_to_num(0.0).item())
         if mode == "eval":
             return output
-        return self._mix_demonstrations(output, inputs, hpt_fields, rewards_per_func, accuracy, num_generations)
+        return self._mix_demonstrations(output, inputs, demos, rewards_per_func, accuracy, num_generations)
 
-    def _mix_demonstrations(self, output, inputs, hpt_fields, rewards_per_func, accuracy, num_generations):
+    def _mix_demonstrations(self, output, inputs, demos, rewards_per_func, accuracy, num_generations):
         device = self.accelerator.device
-        num_local = len(inputs)
-        local_start = self.accelerator.process_index * num_local
-        global_index = torch.arange(local_start, local_start + num_local, device=device)
-        is_last_slot = global_index % num_generations == num_generations - 1
-        group_of_row = global_index // num_generations
+        num_local, num_processes = len(inputs), self.accelerator.num_processes
+        local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
+        group_of_row = torch.arange(num_local * num_processes, device=device) // num_generations
+        is_last_slot = torch.arange(num_local * num_processes, device=device) % num_generations == num_generations - 1
 
-        if self._uses_demonstrations:
-            local_has_demo = torch.tensor([bool(f[HAS_DEMO]) for f in hpt_fields], device=device)
-            local_truncated = torch.tensor([bool(f[DEMO_TRUNCATED]) for f in hpt_fields], device=device)
-            has_demo = gather(local_has_demo).view(-1, num_generations)[:, -1]
-            truncated = gather(local_truncated).view(-1, num_generations)[:, -1]
+        if demos is not None:
+            # A truncated demonstration is dropped like a truncated rollout when the config masks those.
+            drop_truncated = self.mask_truncated_completions
+            usable = [d.present and not (drop_truncated and d.truncated) for d in demos]
+            flags = torch.tensor([[u, d.truncated] for u, d in zip(usable, demos)], device=device)
+            flags = gather(flags).view(-1, num_generations, 2)[:, -1]
+            has_demo, truncated = flags[:, 0], flags[:, 1]
         else:
             has_demo = torch.zeros_like(accuracy, dtype=torch.bool)
             truncated = has_demo
@@ -248,79 +265,83 @@ class HPTTrainer(GRPOTrainer):
         alpha = torch.where(has_demo, alpha, torch.ones_like(alpha))
         beta = torch.where(has_demo, beta, torch.zeros_like(beta))
         placed = beta > 0
-
-        offline = is_last_slot & placed[group_of_row]
-        weights = torch.where(offline, beta[group_of_row], alpha[group_of_row]).float()
+        offline_global = is_last_slot & placed[group_of_row]
+        offline = offline_global[local]
+        weights = torch.where(offline, beta[group_of_row[local]], alpha[group_of_row[local]]).float()
 
         if bool(offline.any()):
-            self._swap_in_demonstrations(output, offline, hpt_fields)
-        if self.offline_spec.advantage == "group_mixed":
-            self._mixed_group_advantages(
-                output, inputs, hpt_fields, offline, rewards_per_func, placed, num_generations
-            )
+            self._swap_in_demonstrations(output, offline, demos)
+        if self.offline_spec.advantage == "group_mixed" and bool(placed.any()):
+            self._mixed_group_advantages(output, inputs, demos, offline_global, rewards_per_func, num_generations)
 
-        # Global token counts after the swap: dapo/cispo normalise by them, and so does the separate SFT term.
+        self._record_gate(demos, accuracy, alpha, beta, placed, num_generations)
+        metrics = self._metrics["train"]
+        metrics["hpt/sft_fraction"].append(placed.float().mean().item())
+        metrics["hpt/rl_fraction"].append((alpha > 0).float().mean().item())
+        metrics["hpt/no_demo_fraction"].append((~has_demo).float().mean().item())
+        metrics["hpt/unscored_fraction"].append(torch.isnan(accuracy).float().mean().item())
+        metrics["hpt/demo_truncated_fraction"].append(
+            (truncated & placed).float().sum().item() / max(int(placed.sum()), 1)
+        )
+        global_weights = gather(weights)
+        metrics["hpt/skipped_rows"].append((global_weights == 0).float().mean().item())
+        metrics["hpt/num_prompts"].append(float(accuracy.numel()))
+        if self._delegate_plain_batches and not self._uses_demonstrations:
+            return output  # feedback="rl": GRPOTrainer's batch, trained by GRPOTrainer's loss
+
+        # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
         mask = (
             output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output["tool_mask"]
         )
         tokens = mask.sum(-1).float()
-        token_mean_rows = offline if self.offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
-        local_counts = torch.stack(
-            [tokens[~token_mean_rows].sum(), tokens[token_mean_rows].sum(), (~token_mean_rows).sum().float()]
-        )
+        separate = offline if self.offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
+        local_counts = torch.stack([tokens[~separate].sum(), tokens[separate].sum(), (~separate).sum().float()])
         global_counts = self.accelerator.reduce(local_counts, reduction="sum")
         output["num_items_in_batch"] = global_counts[0]
         output[_TOKEN_MEAN_TOKENS] = global_counts[1]
         output[_POLICY_ROWS] = global_counts[2]
         output[_OFFLINE] = offline
         output[_WEIGHT] = weights
-
-        global_weights = gather(weights)
-        num_groups = accuracy.numel()
-        self._record_gate(hpt_fields, accuracy, alpha, beta, placed, num_generations)
-        metrics = self._metrics["train"]
-        metrics["hpt/sft_fraction"].append(placed.float().mean().item())
-        metrics["hpt/rl_fraction"].append((alpha > 0).float().mean().item())
-        metrics["hpt/no_demo_fraction"].append((~has_demo).float().mean().item() if self._uses_demonstrations else 1.0)
-        metrics["hpt/demo_truncated_fraction"].append(
-            (truncated & placed).float().sum().item() / max(int(placed.sum()), 1)
-        )
-        metrics["hpt/skipped_rows"].append((global_weights == 0).float().mean().item())
-        metrics["hpt/num_prompts"].append(float(num_groups))
         return output
 
-    def _record_gate(self, hpt_fields, accuracy, alpha, beta, placed, num_generations):
-        local_index = torch.tensor(
-            [-1 if f.get(ROW_INDEX) is None else int(f[ROW_INDEX]) for f in hpt_fields], device=accuracy.device
-        )
-        prompt_index = gather(local_index).view(-1, num_generations)[:, 0]
+    def _record_gate(self, demos, accuracy, alpha, beta, placed, num_generations):
+        index = [-1] * len(accuracy) if demos is None else None
+        if demos is not None:
+            local_index = torch.tensor([d.index for d in demos], device=accuracy.device)
+            index = gather(local_index).view(-1, num_generations)[:, 0].tolist()
         if not self.accelerator.is_main_process:
             return
         step = self.state.global_step
-        for index, p, a, b, sft in zip(
-            prompt_index.tolist(), accuracy.tolist(), alpha.tolist(), beta.tolist(), placed.tolist()
-        ):
+        for i, p, a, b, sft in zip(index, accuracy.tolist(), alpha.tolist(), beta.tolist(), placed.tolist()):
+            p = None if p != p else p  # NaN (no rollout scored) is written as null
             self.gate_history.append(
-                {"step": step, "prompt_index": index, "accuracy": p, "alpha": a, "beta": b, "sft": bool(sft)}
+                {"step": step, "prompt_index": i, "accuracy": p, "alpha": a, "beta": b, "sft": bool(sft)}
             )
 
-    def _swap_in_demonstrations(self, output, offline, hpt_fields):
+    def _swap_in_demonstrations(self, output, offline, demos: list[Demonstration]):
         """Writes each placed demonstration into its row: completion tokens, mask, and neutral per-token extras."""
         rows = offline.nonzero(as_tuple=True)[0].tolist()
-        demos = {i: list(hpt_fields[i][DEMO_IDS]) for i in rows}
         completion_ids = output["completion_ids"]
-        width = max([completion_ids.size(1), *(len(d) for d in demos.values())])
+        width = max([completion_ids.size(1), *(len(demos[i].ids) for i in rows)])
+        if "tool_mask" not in output and any(demos[i].tool_mask is not None for i in rows):
+            output["tool_mask"] = torch.ones_like(output["completion_mask"])
         self._pad_completion_width(output, width)
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        pad_id = self._tokenizer.pad_token_id
-        for i, ids in demos.items():
-            completion_ids[i] = pad_id
+        prompt_width = output["prompt_ids"].size(1) if "prompt_ids" in output else None
+        for i in rows:
+            ids = demos[i].ids
+            completion_ids[i] = self._tokenizer.pad_token_id
             completion_ids[i, : len(ids)] = torch.tensor(ids, device=completion_ids.device)
             completion_mask[i] = 0
             completion_mask[i, : len(ids)] = 1
             for key, fill in _PER_TOKEN_FILL.items():
                 if key in output and isinstance(output[key], torch.Tensor) and output[key].dim() == 2:
                     output[key][i] = fill
+            if demos[i].tool_mask is not None:
+                output["tool_mask"][i, : len(ids)] = torch.tensor(demos[i].tool_mask, device=completion_ids.device)
+            for key in _PROMPT_COMPLETION_KEYS:
+                if prompt_width is not None and isinstance(output.get(key), torch.Tensor):
+                    output[key][i, prompt_width:] = 0  # a demonstration is text
         if "advantages" in output and self.offline_spec.advantage == "one":
             output["advantages"] = torch.where(offline, torch.ones_like(output["advantages"]), output["advantages"])
 
@@ -332,7 +353,8 @@ class HPTTrainer(GRPOTrainer):
             return torch.cat([tensor, tensor.new_full((tensor.size(0), extra), value)], dim=1)
 
         current = output["completion_ids"].size(1)
-        output["completion_ids"] = pad_right(output["completion_ids"], 0)
+        extra = width - current
+        output["completion_ids"] = pad_right(output["completion_ids"], self._tokenizer.pad_token_id)
         output["completion_mask"] = pad_right(output["completion_mask"], 0)
         # A sequence-level vLLM ratio is (B, 1) at any width; with 1-token completions it would pass for per-token.
         per_sequence = getattr(self, "vllm_importance_sampling_mode", "token").startswith("sequence")
@@ -342,136 +364,91 @@ class HPTTrainer(GRPOTrainer):
             tensor = output.get(key)
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.size(1) == current:
                 output[key] = pad_right(tensor, fill)
+        if extra > 0:
+            for key in _PROMPT_COMPLETION_KEYS:
+                tensor = output.get(key)
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == 2:
+                    output[key] = torch.cat([tensor, tensor.new_zeros((tensor.size(0), extra))], dim=1)
 
-    def _mixed_group_advantages(self, output, inputs, hpt_fields, offline, rewards_per_func, placed, num_generations):
-        """LUFFY/SRFT: each placed demonstration is scored and joins its group's advantage statistics."""
-        device = self.accelerator.device
-        rows = offline.nonzero(as_tuple=True)[0].tolist()
-        local_demo_rewards = torch.full((len(inputs),), float("nan"), device=device)
-        if rows:
-            demo_rewards = self._score_demonstrations([inputs[i] for i in rows])
-            local_demo_rewards[rows] = demo_rewards.to(device)
-        demo_rewards_global = gather(local_demo_rewards)
-        offline_global = gather(offline)
-        totals = verifier_rewards(rewards_per_func, self.reward_weights, None)
-        # The mixed group is normalised as the config normalises every group (scale_rewards).
-        advantages = mixed_group_advantages(
-            totals,
-            torch.nan_to_num(demo_rewards_global, nan=0.0),
-            offline_global,
-            num_generations,
-            self.scale_rewards,
+    def _mixed_group_advantages(self, output, inputs, demos, offline_global, rewards_per_func, num_generations):
+        """LUFFY/SRFT: each placed demonstration is scored and joins the advantage statistics in its rollout's place."""
+        demo_rewards = self._score_demonstrations(inputs, demos, offline_global)
+        mixed = torch.where(offline_global.unsqueeze(1), demo_rewards, rewards_per_func)
+        # As GRPOTrainer computes advantages (scale_rewards, multi_objective_aggregation), with the demonstrations
+        # in the statistics; groups without one are unchanged where the statistics are per group.
+        advantages = grpo_advantages(
+            mixed, self.reward_weights, num_generations, self.scale_rewards, self.multi_objective_aggregation
         )
-        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
-        in_mixed_group = placed.repeat_interleave(num_generations)[local]
-        output["advantages"] = torch.where(in_mixed_group, advantages[local], output["advantages"])
+        num_local = len(inputs)
+        start = self.accelerator.process_index * num_local
+        output["advantages"] = advantages[start : start + num_local].to(output["advantages"].dtype)
 
-    def _score_demonstrations(self, rows: list[dict]) -> torch.Tensor:
-        """Weighted total reward of demonstrations, with the same reward functions and kwargs as rollouts."""
+    def _score_demonstrations(self, inputs, demos, offline_global) -> torch.Tensor:
+        """
+        Rewards per function of every placed demonstration, `(global rows, functions)`, NaN elsewhere.
+
+        Scored through GRPOTrainer's own `_calculate_rewards` (the rollouts' path: same kwargs, reward models,
+        async functions, profiling), on this rank's rows with the demonstration as completion. Every rank scores the
+        same number of rows, padding with a repeat, so reward models run the same forwards on every rank.
+        """
+        num_local, num_processes = len(inputs), self.accelerator.num_processes
+        per_rank = offline_global.view(num_processes, num_local)
+        width = int(per_rank.sum(1).max())
+        rows = per_rank[self.accelerator.process_index].nonzero(as_tuple=True)[0].tolist()
+        filler = rows[0] if rows else next((i for i, d in enumerate(demos) if d.present), 0)
+        scored = rows + [filler] * (width - len(rows))
         column = self.args.demonstration_column
-        prompts = [row["prompt"] for row in rows]
-        completions = []
-        for row in rows:
-            demo = row[column]
-            if is_conversational(row) and isinstance(demo, str):
-                demo = [{"role": "assistant", "content": demo}]
-            completions.append(demo)
-        keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids", column)]
-        reward_kwargs = {k: [row[k] for row in rows] for k in keys}
-        reward_kwargs.update(trainer_state=self.state, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
-        device = self.accelerator.device
-        per_func = torch.full((len(rows), len(self.reward_funcs)), float("nan"), device=device)
-        for i, (func, proc) in enumerate(zip(self.reward_funcs, self.reward_processing_classes)):
-            if isinstance(func, nn.Module):
-                if is_conversational({"prompt": prompts[0]}):
-                    texts = [
-                        apply_chat_template({"messages": p + c}, proc, **self.chat_template_kwargs)["text"]
-                        for p, c in zip(prompts, completions)
-                    ]
-                else:
-                    texts = [p + c for p, c in zip(prompts, completions)]
-                enc = proc(
-                    text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
-                )
-                with torch.inference_mode():
-                    per_func[:, i] = func(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0]
-                continue
-            result = func(prompts=prompts, completions=completions, completion_ids=None, **reward_kwargs)
-            if inspect.isawaitable(result):
-                result = asyncio.run_coroutine_threadsafe(result, self.async_loop).result()
-            per_func[:, i] = torch.tensor([math.nan if r is None else float(r) for r in result], device=device)
-        return verifier_rewards(per_func, self.reward_weights, None)
+        prompts, completions = [], []
+        for i in scored:
+            prompt = inputs[i]["prompt"]
+            prompts.append(prompt)
+            # Decided on the prompt alone, as for rollouts: completions of conversational prompts are messages.
+            if is_conversational({"prompt": prompt}):
+                completions.append(demonstration_messages(inputs[i].get(column)) or [])
+            else:
+                completions.append(demonstration_text(inputs[i].get(column)) or "")
+        completion_ids = [list(demos[i].ids) for i in scored]
+        # Reward functions may log table columns and metrics; those belong to the rollouts' table, not to this call.
+        pending = self._pending_extra_logs, self._pending_metrics
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        self._scoring_demonstrations = True
+        try:
+            gathered = self._calculate_rewards([inputs[i] for i in scored], prompts, completions, completion_ids)
+        finally:
+            self._scoring_demonstrations = False
+            self._pending_extra_logs, self._pending_metrics = pending
+        result = torch.full((offline_global.numel(), gathered.size(1)), float("nan"), device=gathered.device)
+        for rank in range(num_processes):
+            owned = per_rank[rank].nonzero(as_tuple=True)[0]
+            if owned.numel():
+                result[rank * num_local + owned] = gathered[rank * width : rank * width + owned.numel()]
+        return result
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
+        if _WEIGHT not in inputs:
+            return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         training = mode == "train"
-        full_mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            full_mask = full_mask * inputs["tool_mask"]
-        num_rows = full_mask.size(0)
-        device = full_mask.device
-        offline = inputs.get(_OFFLINE, torch.zeros(num_rows, dtype=torch.bool, device=device))
-        weights = inputs.get(_WEIGHT, torch.ones(num_rows, device=device))
-        token_mean_rows = offline if self.offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
-        policy_rows = ~token_mean_rows
-
-        # Denominators come from the whole micro-batch, before zero-weight rows are dropped, so dropping them
-        # changes neither the loss nor its gradient.
         accumulation = self.current_gradient_accumulation_steps if training else 1
-        num_policy_rows = float(policy_rows.sum())
-        if _POLICY_ROWS in inputs:
-            # Demonstrations leave the policy term unevenly across ranks and micro-batches, so a local row count
-            # (grpo, dr_grpo) would weight rows by where they landed; DDP averages ranks, so divide by the generation
-            # batch's count spread over processes and micro-batches (equal to the local count when no row is offline).
-            num_policy_rows = float(inputs[_POLICY_ROWS]) / self.accelerator.num_processes
-            if training:
-                num_policy_rows /= self.args.steps_per_generation
-        policy_denominator = loss_type_denominator(
-            self.loss_type,
-            num_rows=num_policy_rows,
-            num_tokens=float(full_mask[policy_rows].sum()),
-            max_completion_length=self.max_completion_length,
-            num_items_in_batch=inputs.get("num_items_in_batch"),
-            num_processes=self.accelerator.num_processes,
-            gradient_accumulation_steps=accumulation,
-            steps_per_generation=self.args.steps_per_generation,
-            training=training,
-        )
-        token_mean_denominator = (
-            float(inputs.get(_TOKEN_MEAN_TOKENS, torch.zeros(()))) / self.accelerator.num_processes
-        )
-        if training:
-            token_mean_denominator *= accumulation / self.args.steps_per_generation
+        policy_denominator, token_mean_denominator = self._denominators(inputs, accumulation, training)
+        inputs = _select_rows(inputs, self._rows_to_keep(inputs))
 
-        keep = weights > 0
-        multimodal = any(k in inputs for k in _MULTIMODAL_KEYS)
-        if multimodal or bool(keep.all()) or not self._skip_zero_weight_rows:
-            keep_index = None
-        else:
-            if not bool(keep.any()):
-                # Every rank must run forward and backward (DDP, ZeRO-3 collectives): keep one row at weight zero.
-                keep[0] = True
-            keep_index = keep.nonzero(as_tuple=True)[0]
-        inputs = _select_rows(inputs, keep_index)
         mask = (
             inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         )
-        offline = inputs.get(_OFFLINE, torch.zeros(mask.size(0), dtype=torch.bool, device=device))
-        weights = inputs.get(_WEIGHT, torch.ones(mask.size(0), device=device))
-        online = ~offline
-
+        offline, weights = inputs[_OFFLINE], inputs[_WEIGHT]
+        online, trained = ~offline, weights > 0
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logits_to_keep = inputs["completion_ids"].size(1)
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
-            logits_to_keep,
+            inputs["completion_ids"].size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{k: inputs.get(k) for k in _FORWARD_KEYS},
@@ -481,30 +458,44 @@ class HPTTrainer(GRPOTrainer):
             advantages = advantages.unsqueeze(1)
         old_per_token_logps = inputs.get("old_per_token_logps")
         old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-        online_mask = mask * online.unsqueeze(1)
+        # TRL's token-level modifiers act on the rollouts that train: demonstrations have no sampling log-probs, no
+        # vLLM importance ratio and no reference log-probs, and zero-weight rollouts must not move a global quantile.
+        rl_mask = mask * (online & trained).unsqueeze(1)
+        log_ratio = per_token_logps - old_per_token_logps
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
 
-        # TRL's token-level modifiers act on rollout rows only: demonstrations have no sampling log-probs, no
-        # vLLM importance ratio, and no reference log-probs (the KL term is applied to rollouts only).
-        scale = None
-        entropy_mask = None
+        scale, entropy_mask, phi = None, None, None
         if self.top_entropy_quantile < 1.0:
-            entropy_mask = self.get_high_entropy_mask(entropies, online_mask, 1 - self.top_entropy_quantile)
+            entropy_mask = self.get_high_entropy_mask(entropies, rl_mask, 1 - self.top_entropy_quantile)
             scale = entropy_mask
         if self.off_policy_mask_threshold is not None:
-            sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
             off_policy_mask = self.get_off_policy_mask(
                 advantages=advantages,
                 per_token_logps=per_token_logps,
-                sampling_per_token_logps=sampling,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
                 mask=mask,
                 off_policy_threshold=self.off_policy_mask_threshold,
             )
             scale = off_policy_mask if scale is None else off_policy_mask * scale
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            ratio = inputs["importance_sampling_ratio"]
-            scale = ratio if scale is None else scale * ratio
-        bias = None
-        ratio_for_log = importance_ratio(self.online_spec, per_token_logps, old_per_token_logps, mask)
+        if self.loss_type == "vespo":
+            phi = self.get_gamma_weights(
+                advantages=advantages,
+                log_ratio_per_token=per_token_logps - old_per_token_logps,
+                mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                k_pos=self.args.vespo_k_pos,
+                lambda_pos=self.args.vespo_lambda_pos,
+                k_neg=self.args.vespo_k_neg,
+                lambda_neg=self.args.vespo_lambda_neg,
+            )
+            scale = phi if scale is None else phi * scale
+        elif self.use_vllm and self.vllm_importance_sampling_correction:
+            scale = (
+                inputs["importance_sampling_ratio"] if scale is None else scale * inputs["importance_sampling_ratio"]
+            )
+        per_token_kl = None
         if self.beta != 0.0:
             # Demonstration rows hold a fill value, not reference log-probs, and the term is not applied to them: a
             # zero log-ratio there, since exp() of the fill can overflow and the zero gradient torch.where sends back
@@ -512,8 +503,7 @@ class HPTTrainer(GRPOTrainer):
             ref = torch.where(online.unsqueeze(1), inputs["ref_per_token_logps"], per_token_logps.detach())
             per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
             if self.args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * ratio_for_log
-            bias = self.beta * per_token_kl
+                per_token_kl = per_token_kl * ratio
 
         result = hybrid_loss(
             per_token_logps,
@@ -526,15 +516,17 @@ class HPTTrainer(GRPOTrainer):
             old_per_token_logps=old_per_token_logps,
             loss_type=self.loss_type,
             policy_denominator=policy_denominator,
-            token_mean_denominator=max(token_mean_denominator, 1e-8),
+            token_mean_denominator=token_mean_denominator,
             offline_coef=self.args.sft_loss_coef,
             online_token_scale=scale,
-            online_token_bias=bias,
+            online_token_bias=None if per_token_kl is None else self.beta * per_token_kl,
         )
         loss = result.loss
-
-        active = mask * (weights > 0).unsqueeze(1)
+        active = mask * trained.unsqueeze(1)
         if self._entropy_bonus_enabled:
+            # GRPOTrainer logs the loss before the bonus, unscaled by accumulation where its loss type scales it.
+            unscaled = loss.detach() if self.loss_type in _GLOBAL_TOKEN_LOSS_TYPES else loss.detach() * accumulation
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(unscaled).nanmean().item())
             loss = loss - self._entropy_bonus(
                 entropies, active if entropy_mask is None else active * entropy_mask, mode
             )
@@ -546,16 +538,62 @@ class HPTTrainer(GRPOTrainer):
             per_token_logps=per_token_logps.detach(),
             mask=mask,
             active=active,
-            online_mask=online_mask,
+            rl_rows=online & trained,
             offline=offline,
-            weights=weights,
             entropies=entropies,
-            ratio=ratio_for_log.detach(),
+            ratio=ratio.detach(),
             advantages=advantages,
-            per_token_kl=None if bias is None else (bias / self.beta).detach(),
+            per_token_kl=None if per_token_kl is None else per_token_kl.detach(),
+            phi=phi,
         )
         self._log_loss_metrics(mode, result, step, accumulation, training)
         return loss
+
+    def _denominators(self, inputs, accumulation, training) -> tuple[float, float]:
+        """
+        What the policy term and the separate demonstration term divide by, from the whole micro-batch.
+
+        Taken before zero-weight rows are dropped, so dropping them changes neither the loss nor its gradient.
+        Demonstrations leave the policy term unevenly across ranks and micro-batches, so row counts (grpo, dr_grpo,
+        sapo, luspo) are the generation batch's global count spread over processes and micro-batches (equal to the
+        local count when no row is offline), and token counts (dapo, cispo, vespo, the demonstration term) likewise;
+        each is clamped at 1 before it is spread, as GRPOTrainer clamps its token count.
+        """
+        num_processes, steps = self.accelerator.num_processes, self.args.steps_per_generation
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
+        separate = inputs[_OFFLINE] if self.offline_spec.aggregation == "token_mean" else None
+        policy_mask = mask if separate is None else mask[~separate]
+        num_rows = max(float(inputs[_POLICY_ROWS]), 1.0) / num_processes / (steps if training else 1)
+        policy = loss_type_denominator(
+            self.loss_type,
+            num_rows=num_rows,
+            num_tokens=float(policy_mask.sum()),
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            num_processes=num_processes,
+            gradient_accumulation_steps=accumulation,
+            steps_per_generation=steps,
+            training=training,
+        )
+        token_mean = max(float(inputs[_TOKEN_MEAN_TOKENS]), 1.0) / num_processes
+        if training:
+            token_mean *= accumulation / steps
+        return policy, token_mean
+
+    def _rows_to_keep(self, inputs) -> torch.Tensor | None:
+        """The rows the loss pass runs through the model: those of nonzero weight, or all (None)."""
+        keep = inputs[_WEIGHT] > 0
+        # Multimodal inputs do not slice by row simply, and a router's aux loss is over every row it routes.
+        if not self._skip_zero_weight_rows or self.aux_loss_enabled or any(k in inputs for k in _MULTIMODAL_KEYS):
+            return None
+        if bool(keep.all()):
+            return None
+        if not bool(keep.any()):
+            # Every rank must run forward and backward (DDP, ZeRO-3 collectives): keep one row at weight zero.
+            keep[0] = True
+        return keep.nonzero(as_tuple=True)[0]
 
     def _entropy_bonus(self, entropies, effective_mask, mode):
         # GRPOTrainer's entropy bonus: a token mean over the tokens that train, scaled for accumulation only.
@@ -584,54 +622,54 @@ class HPTTrainer(GRPOTrainer):
         return coef * entropy_loss
 
     def _log_loss_metrics(self, mode, result, step: _LossStep, accumulation, training):
-        per_token_logps, mask, active, online_mask = step.per_token_logps, step.mask, step.active, step.online_mask
-        offline, weights, entropies, ratio, advantages = (
-            step.offline,
-            step.weights,
-            step.entropies,
-            step.ratio,
-            step.advantages,
-        )
+        """GRPOTrainer's loss metrics over the rollouts that train (all of them without demonstrations), and HPT's."""
         reduce = self.accelerator.reduce
+        rl_rows = step.rl_rows
+        rl_mask = step.mask * rl_rows.unsqueeze(1)
 
-        def global_mean(values, value_mask):
-            if values.size(1) == 1:
-                value_mask = (value_mask.sum(-1, keepdim=True) > 0).to(values.dtype)
-            value_mask = value_mask.to(values.dtype)
-            totals = reduce(torch.stack([(values * value_mask).sum(), value_mask.sum()]).detach(), reduction="sum")
+        def global_mean(values, token_mask, row_mask):
+            # (B, 1) values are per sequence: GRPOTrainer averages them over rows, not tokens.
+            weight = row_mask.unsqueeze(1) if values.size(1) == 1 else token_mask
+            weight = weight.to(values.dtype)
+            totals = reduce(torch.stack([(values * weight).sum(), weight.sum()]).detach(), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         metrics = self._metrics[mode]
-        metrics["entropy"].append(global_mean(entropies, active))
         if step.per_token_kl is not None:
-            metrics["kl"].append(global_mean(step.per_token_kl, online_mask * (weights > 0).unsqueeze(1)))
-        rl_mask = online_mask * (weights > 0).unsqueeze(1)
-        fractions = {}
-        if self.online_spec.stabilization == "clip":
-            low = (ratio < 1 - self.online_spec.epsilon_low) & (advantages < 0)
-            high = (ratio > 1 + self.online_spec.epsilon_high) & (advantages > 0)
+            metrics["kl"].append(global_mean(step.per_token_kl, rl_mask, rl_rows))
+        metrics["entropy"].append(global_mean(step.entropies, step.active, step.active.sum(-1) > 0))
+        ratio, advantages = step.ratio, step.advantages
+        if self.loss_type in _CLIP_LOSS_TYPES:
+            if self.args.delta is not None:
+                ratio = torch.clamp(ratio, max=self.args.delta)  # GRPOTrainer counts clipping on the capped ratio
+            low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+            high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
             fractions = {"low": low.float(), "high": high.float(), "region": (low | high).float()}
             for name, values in fractions.items():
-                metrics[f"clip_ratio/{name}_mean"].append(global_mean(values, rl_mask))
+                metrics[f"clip_ratio/{name}_mean"].append(global_mean(values, rl_mask, rl_rows))
             # Per-sequence extremes, as GRPOTrainer logs them; ranks whose rollouts were all skipped send NaN.
             per_seq_mask = rl_mask.to(ratio.dtype)
-            rows = per_seq_mask.sum(-1) > 0
+            rows = per_seq_mask.sum(-1) > 0 if ratio.size(1) > 1 else rl_rows
             for name, reducer, extreme in (("low", nanmin, "min"), ("high", nanmax, "max")):
-                values = fractions[name].expand_as(per_seq_mask)
-                per_seq = (values * per_seq_mask).sum(-1) / per_seq_mask.sum(-1).clamp(min=1.0)
+                values = fractions[name]
+                if values.size(1) == 1:
+                    per_seq = values.squeeze(1)
+                else:
+                    per_seq = (values * per_seq_mask).sum(-1) / per_seq_mask.sum(-1).clamp(min=1.0)
                 local = getattr(per_seq[rows], extreme)() if bool(rows.any()) else per_seq.new_tensor(float("nan"))
                 metrics[f"clip_ratio/{name}_{extreme}"].append(reducer(gather(local.reshape(1))).item())
-        elif self.online_spec.stabilization == "cispo":
-            clipped = ((ratio > self.online_spec.epsilon_high) & (advantages > 0)).float()
-            metrics["cispo_clip_ratio"].append(global_mean(clipped, rl_mask))
+        elif self.loss_type == "cispo":
+            clipped = ((ratio > self.epsilon_high) & (advantages > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_mean(clipped, rl_mask, rl_rows))
+        elif self.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"].append(global_mean(step.phi, rl_mask, rl_rows))
 
         if not training:
-            return  # evaluation has no demonstrations: GRPOTrainer's metrics plus hpt/prompt_accuracy only
+            return
         # Loss terms as they read per optimizer step (without gradient-accumulation scaling), averaged over ranks.
         # Each micro-batch's term is scaled by 1/accumulation (all loss types, since dapo's spread of the token count
         # over steps_per_generation micro-batches cancels over a step); their mean over the window reads per step.
-        undo = accumulation
-        terms = torch.stack([result.policy_loss * undo, result.token_mean_loss * undo]).float()
+        terms = torch.stack([result.policy_loss * accumulation, result.token_mean_loss * accumulation]).float()
         # Each rank's terms are its share of the global loss (global denominators spread over processes) and DDP
         # averages the ranks, those without such rows included: the trained loss is the sum over ranks / processes.
         totals = reduce(terms, "sum") / self.accelerator.num_processes
@@ -639,8 +677,8 @@ class HPTTrainer(GRPOTrainer):
         if self.offline_spec.aggregation == "token_mean":
             metrics["hpt/sft_loss"].append(totals[1].item())
         else:
-            sft_values = -per_token_logps.detach()
-            metrics["hpt/sft_loss"].append(global_mean(sft_values, mask * offline.unsqueeze(1)))
+            offline_mask = step.mask * step.offline.unsqueeze(1)
+            metrics["hpt/sft_loss"].append(global_mean(-step.per_token_logps, offline_mask, step.offline))
 
 
 class _LossStep(NamedTuple):
@@ -649,13 +687,13 @@ class _LossStep(NamedTuple):
     per_token_logps: torch.Tensor
     mask: torch.Tensor
     active: torch.Tensor
-    online_mask: torch.Tensor
+    rl_rows: torch.Tensor
     offline: torch.Tensor
-    weights: torch.Tensor
     entropies: torch.Tensor
     ratio: torch.Tensor
     advantages: torch.Tensor
     per_token_kl: torch.Tensor | None
+    phi: torch.Tensor | None
 
 
 _FORWARD_KEYS = (
@@ -685,9 +723,12 @@ def _select_rows(inputs: dict, index: torch.Tensor | None) -> dict:
             selected[key] = value
     width = int(selected["completion_mask"].sum(-1).max().clamp(min=1))
     full_width = inputs["completion_ids"].size(1)
+    prompt_width = inputs["prompt_ids"].size(1)
     for key, value in selected.items():
-        if key == "prompt_ids" or key == "prompt_mask":
+        if key in ("prompt_ids", "prompt_mask") or not (isinstance(value, torch.Tensor) and value.dim() == 2):
             continue
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(1) == full_width:
+        if key in _PROMPT_COMPLETION_KEYS and value.size(1) == prompt_width + full_width:
+            selected[key] = value[:, : prompt_width + width]
+        elif value.size(1) == full_width:
             selected[key] = value[:, :width]
     return selected
