@@ -51,8 +51,7 @@ def _demo_advantages(out):
 def test_luffy_demonstrations_in_a_solution_column_score_with_trls_accuracy_reward(tmp_path, char_tokenizer):
     # MATH-style rows: the demonstration is the `solution` column that TRL's accuracy_reward reads as gold.
     rows = [
-        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "solution": f"$\\boxed{{{a + b}}}$"}
-        for a, b in PAIRS
+        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "solution": f"$\\boxed{{{a + b}}}$"} for a, b in PAIRS
     ]
     trainer = _trainer(
         tmp_path,
@@ -274,7 +273,11 @@ def test_user_code_sees_grpo_trainers_rows(tmp_path, char_tokenizer):
         return reward
 
     prepared = {}
-    for name, cls, feedback in (("grpo", GRPOTrainer, None), ("rl", HPTTrainer, "rl"), ("switch", HPTTrainer, "switch")):
+    for name, cls, feedback in (
+        ("grpo", GRPOTrainer, None),
+        ("rl", HPTTrainer, "rl"),
+        ("switch", HPTTrainer, "switch"),
+    ):
         extra = {} if feedback is None else {"feedback": feedback}
         args = train_args(
             tmp_path / name,
