@@ -511,7 +511,6 @@ def measure_components(settings: SpeedSettings, device: str) -> dict:
     import torch
     from trl import GRPOTrainer
 
-    from trl_hpt.data import HPT_COLUMNS
     from trl_hpt.demo import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
@@ -524,8 +523,8 @@ def measure_components(settings: SpeedSettings, device: str) -> dict:
         return trainer._generate_and_score_completions([dict(x) for x in inputs])
 
     def generate_grpo():
-        plain = [{k: v for k, v in x.items() if k not in HPT_COLUMNS} for x in inputs]
-        return GRPOTrainer._generate_and_score_completions(trainer, plain)
+        # The training rows are GRPOTrainer's own (HPTTrainer adds no columns).
+        return GRPOTrainer._generate_and_score_completions(trainer, [dict(x) for x in inputs])
 
     torch.manual_seed(0)
     batch = generate_hpt()

@@ -2,18 +2,23 @@
 
 What they do, at every `mkdocs build` / `mkdocs serve`:
 
-- generate the configuration reference (`configuration.md`) from the fields of `HPTConfig` and their
-  `metadata["help"]`, as a page that exists only in the build, so it can never go stale;
+- build the configuration reference (`configuration.md`) from the fields of `HPTConfig` and their
+  `metadata["help"]`;
 - fill the generated blocks of hand-written pages: the presets table of `concepts.md` (from
   `trl_hpt.estimator.PRESETS`), the argument table of `evaluation.md` (from `trl_hpt.evaluation.EvalArguments`)
   and the API sections of `api.md` for the modules that may not be installed (`rewards`, `evaluation`,
   `callbacks`, `cli`: included only when they import);
+- warn (an error under `mkdocs build --strict`) when the committed copy of a generated page or block is stale;
 - leave optional pages (`benchmarks.md`) out of the navigation while they do not exist, and show a note on the
   changelog page while the root `CHANGELOG.md` does not exist;
 - turn the HF-style cross references of our docstrings (`` [`Name`] ``, `` [`~module.Name`] ``), which Markdown
   leaves as literal brackets, into links to the API reference.
 
-`python docs/hooks.py [PATH]` writes the configuration page to PATH (default: stdout) without building the site.
+Generated text is also committed, so that the pages read the same in the repository (on GitHub, say) as on the site:
+`docs/configuration.md` whole, and the tables of the hand-written pages between their markers
+(`<!-- hpt:eval-arguments -->` ... `<!-- /hpt:eval-arguments -->`). `python docs/hooks.py` rewrites them from the
+code; `python docs/hooks.py --check` lists the stale ones and exits with 1, as the tests do. A marker without its end
+marker is still filled in the build, and gets its committed copy at the next `python docs/hooks.py`.
 The module imports nothing from MkDocs at import time, so the tests can use its generators without it.
 """
 
@@ -25,6 +30,7 @@ import importlib
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +38,10 @@ from typing import Any
 log = logging.getLogger("mkdocs.hooks.trl_hpt")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCS_DIR = REPO_ROOT / "docs"
 
 CONFIG_PAGE = "configuration.md"
-"""The page generated from `HPTConfig`; it exists only in the build (no file in `docs/`)."""
+"""The page generated from `HPTConfig`, committed in `docs/` and rebuilt from the code by the build."""
 
 GENERATED_PAGES = (CONFIG_PAGE,)
 OPTIONAL_PAGES = ("benchmarks.md",)
@@ -68,8 +75,14 @@ def _cell(text: Any) -> str:
 
 
 def _code(text: Any) -> str:
-    """A code span (Python-Markdown's tables do not split cells on pipes inside code spans)."""
+    """
+    Code, safe inside a Markdown table cell in the build and on GitHub alike. GitHub's tables split cells on every
+    unescaped pipe, code spans included, and Python-Markdown shows an escaped one in a code span as `\\|`: text
+    with a pipe is written as HTML code with the pipe as an entity, which neither splits.
+    """
     text = str(text)
+    if "|" in text:
+        return f"<code>{html.escape(text, quote=False).replace('|', '&#124;')}</code>"
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
@@ -79,6 +92,19 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+def _declared_type(cls: type, field: dataclasses.Field) -> Any:
+    """
+    The field's annotation as written in the class that declares it. Not `field.type`: transformers'
+    `HfArgumentParser` rewrites that in place (`int | None` becomes `int`) whenever it parses the dataclass, so the
+    tables would depend on what ran before them in the process.
+    """
+    for klass in cls.__mro__:
+        annotations = klass.__dict__.get("__annotations__", {})
+        if field.name in annotations:
+            return annotations[field.name]
+    return field.type
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -108,6 +134,8 @@ def hpt_fields() -> list[dataclasses.Field]:
 
 def config_table(fields: list[dataclasses.Field] | None = None) -> str:
     """The Markdown table of HPT's own fields: name, type, default and the `help` metadata (with its choices)."""
+    from trl_hpt.config import HPTConfig
+
     fields = hpt_fields() if fields is None else fields
     lines = ["| Field | Type | Default | Description |", "|---|---|---|---|"]
     for field in fields:
@@ -120,7 +148,8 @@ def config_table(fields: list[dataclasses.Field] | None = None) -> str:
             description += " Choices: " + ", ".join(_code(f'"{choice}"') for choice in choices) + "."
         anchor = f'<a id="{field.name}"></a>'
         lines.append(
-            f"| {anchor}`{field.name}` | {_code(_type_name(field.type))} | {_default(field)} | {description} |"
+            f"| {anchor}`{field.name}` | {_code(_type_name(_declared_type(HPTConfig, field)))} | {_default(field)} "
+            f"| {description} |"
         )
     return "\n".join(lines)
 
@@ -130,7 +159,7 @@ def config_markdown() -> str:
     from trl_hpt.config import HPTConfig
 
     names = [field.name for field in hpt_fields()]
-    return f"""<!-- Generated by docs/hooks.py from trl_hpt.config.HPTConfig at build time: edit the field's help there. -->
+    return f"""<!-- Generated by docs/hooks.py from trl_hpt.config.HPTConfig: edit the fields' help there, then run `python docs/hooks.py`. -->
 # Configuration reference
 
 [`HPTConfig`](api.md#trl_hpt.config.HPTConfig) is a dataclass that subclasses TRL's
@@ -138,7 +167,8 @@ def config_markdown() -> str:
 `loss_type`, clipping, KL, vLLM...) and, through it, every
 [`TrainingArguments`]({TRANSFORMERS_ARGS_DOCS}) field (learning rate, batch sizes, logging, saving, `push_to_hub`...),
 with TRL's defaults. It adds the {len(names)} fields below. This page is generated from the fields'
-`metadata["help"]` each time the documentation is built.
+`metadata["help"]` (`python docs/hooks.py` rewrites it; the documentation build and the tests check that it is up to
+date).
 
 The same names work everywhere: as keyword arguments of `HPTConfig(...)`, as keys of a YAML recipe given to
 `trl-hpt train --config`, and as command-line flags of `trl-hpt train` (for example `--switch_gate 0.0`), which
@@ -155,13 +185,18 @@ override the recipe. `HPTTrainer` also accepts a plain `GRPOConfig` as `args`: i
 
 - `feedback` is not one of the choices above (a custom strategy is passed as `HPTTrainer(feedback_fn=...)`);
 - `offline_loss` is not one of the choices above;
-- `loss_type` is one of TRL's loss types that are not instances of the unified estimator (`sapo`, `vespo`,
-  `luspo`); `grpo`, `bnpo`, `dr_grpo`, `dapo` and `cispo` are supported;
+- `offline_aggregation` is not `None`, `"token_mean"` or `"loss_type"`, or `"token_mean"` with `luffy`/`srft`;
 - `switch_gate` is outside `[0, 1)`;
 - `sft_loss_coef` is negative, or `offline_shaping_gamma` is not positive;
 - `verifier_reward_index` is negative (`HPTTrainer` also refuses an index past the last reward function);
 - `max_demonstration_length` is smaller than 1;
 - `demonstration_column` is `"prompt"` or empty.
+
+Every TRL `loss_type` is accepted (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `cispo`, `sapo`, `luspo`, `vespo`).
+`HPTTrainer` then refuses, with an error that says what to do: a training set without the demonstration column, or
+whose demonstrations are all missing (unless `feedback="rl"`); a message demonstration with non-assistant roles for
+a string prompt; `offline_loss="luffy"`/`"srft"` with environments; and warns when several reward functions are
+given without `verifier_reward_index`.
 
 ## GRPOConfig fields that matter to HPT
 
@@ -263,8 +298,90 @@ def eval_arguments_table() -> str | None:
         choices = field.metadata.get("choices")
         if choices:
             description += " Choices: " + ", ".join(_code(choice) for choice in choices) + "."
-        lines.append(f"| `--{field.name}` | {_code(_type_name(field.type))} | {_default(field)} | {description} |")
+        field_type = _code(_type_name(_declared_type(module.EvalArguments, field)))
+        lines.append(f"| `--{field.name}` | {field_type} | {_default(field)} | {description} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated blocks and pages, committed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def end_marker(marker: str) -> str:
+    """`<!-- hpt:name -->` closes with `<!-- /hpt:name -->`."""
+    return marker.replace("<!-- ", "<!-- /", 1)
+
+
+def _block_re(marker: str) -> re.Pattern:
+    return re.compile(re.escape(marker) + r"\n(.*?)\n" + re.escape(end_marker(marker)), re.DOTALL)
+
+
+def committed_block(markdown: str, marker: str) -> str | None:
+    """The text committed between `marker` and its end marker, stripped; `None` when the end marker is missing."""
+    match = _block_re(marker).search(markdown)
+    return match.group(1).strip() if match else None
+
+
+def fill_block(markdown: str, marker: str, content: str) -> str:
+    """Puts `content` between `marker` and its end marker, replacing what was there (or adding the end marker)."""
+    block = f"{marker}\n\n{content.strip()}\n\n{end_marker(marker)}"
+    if _block_re(marker).search(markdown):
+        return _block_re(marker).sub(lambda match: block, markdown, count=1)
+    return markdown.replace(marker, block, 1)
+
+
+GENERATED_BLOCKS: dict[str, dict[str, Callable[[], str | None]]] = {
+    "concepts.md": {PRESETS_MARKER: presets_table},
+    "evaluation.md": {EVAL_ARGS_MARKER: eval_arguments_table},
+}
+"""Per page of `docs/`, its generated blocks: marker -> generator (a generator's `None`: nothing to generate here)."""
+
+
+def render_page(name: str, markdown: str, add_missing: bool = True) -> str:
+    """
+    `markdown`, the page `name` of `docs/`, with its generated blocks filled from the code. `add_missing=False`
+    refreshes only the blocks already committed (with their end marker) and leaves bare markers alone.
+    """
+    for marker, generate in GENERATED_BLOCKS.get(name, {}).items():
+        if marker not in markdown or (not add_missing and committed_block(markdown, marker) is None):
+            continue
+        content = generate()
+        if content is not None:
+            markdown = fill_block(markdown, marker, content)
+    return markdown
+
+
+def generated_files(docs_dir: Path = DOCS_DIR, add_missing: bool = True) -> dict[Path, str]:
+    """Each file of `docs/` with generated text, and what it should hold according to the code."""
+    files = {docs_dir / CONFIG_PAGE: config_markdown()}
+    for name in GENERATED_BLOCKS:
+        path = docs_dir / name
+        if path.is_file():
+            files[path] = render_page(name, path.read_text(encoding="utf-8"), add_missing=add_missing)
+    return files
+
+
+def stale_files(docs_dir: Path = DOCS_DIR) -> list[Path]:
+    """
+    The files of `docs/` whose committed generated text differs from the code's: `configuration.md` (also when
+    missing) and the pages whose committed blocks are out of date. A bare marker is not stale: the build fills it.
+    """
+    return [
+        path
+        for path, text in generated_files(docs_dir, add_missing=False).items()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text
+    ]
+
+
+def write_generated_files(docs_dir: Path = DOCS_DIR) -> list[Path]:
+    """Writes every generated file and block of `docs/` (bare markers get their block) and returns those changed."""
+    written = []
+    for path, text in generated_files(docs_dir).items():
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,28 +534,40 @@ def on_config(config, **kwargs):
     return config
 
 
+_STALE_HINT = "run `python docs/hooks.py` and commit the result"
+
+
 def on_files(files, config, **kwargs):
     from mkdocs.structure.files import File
 
-    stale = files.get_file_from_path(CONFIG_PAGE)
-    if stale is not None:
-        log.warning(f"docs/{CONFIG_PAGE} is generated from HPTConfig at build time; the file in docs/ is ignored.")
-        files.remove(stale)
-    files.append(File.generated(config, CONFIG_PAGE, content=config_markdown()))
+    # The site always shows the page built from the code; the committed copy only has to match it.
+    content = config_markdown()
+    committed = files.get_file_from_path(CONFIG_PAGE)
+    if committed is not None:
+        if Path(committed.abs_src_path).read_text(encoding="utf-8") != content:
+            log.warning(f"docs/{CONFIG_PAGE} is stale (HPTConfig changed): {_STALE_HINT}.")
+        files.remove(committed)
+    else:
+        log.info(f"docs/{CONFIG_PAGE} does not exist; it is generated for the build ({_STALE_HINT}).")
+    files.append(File.generated(config, CONFIG_PAGE, content=content))
     return files
 
 
 def on_page_markdown(markdown: str, page, config, files, **kwargs):
-    if PRESETS_MARKER in markdown:
-        markdown = markdown.replace(PRESETS_MARKER, presets_table())
-    if EVAL_ARGS_MARKER in markdown:
-        table = eval_arguments_table()
-        markdown = markdown.replace(
-            EVAL_ARGS_MARKER,
-            table
-            if table is not None
-            else '!!! note "Not available in this build"\n    `trl_hpt.evaluation` does not import here.',
-        )
+    name = page.file.src_uri
+    for marker, generate in GENERATED_BLOCKS.get(name, {}).items():
+        if marker not in markdown:
+            continue
+        content = generate()
+        if content is None:
+            if committed_block(markdown, marker) is None:
+                note = "The code this block is generated from does not import here."
+                markdown = markdown.replace(marker, f'!!! note "Not available in this build"\n    {note}', 1)
+            continue  # the committed copy stays
+        committed = committed_block(markdown, marker)
+        if committed is not None and committed != content.strip():
+            log.warning(f"The generated block {marker} of docs/{name} is stale: {_STALE_HINT}.")
+        markdown = fill_block(markdown, marker, content)
     if OPTIONAL_API_MARKER in markdown:
         markdown = markdown.replace(OPTIONAL_API_MARKER, optional_api_sections())
     if CHANGELOG_SNIPPET in markdown:
@@ -456,10 +585,23 @@ def on_page_content(page_html: str, page, config, files, **kwargs):
     return link_hf_references(page_html)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """`python docs/hooks.py` rewrites the stale generated files of `docs/`; with `--check` it only lists them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python docs/hooks.py", description=main.__doc__)
+    parser.add_argument("--check", action="store_true", help="list the stale files and exit with 1 if there are any")
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
-    text = config_markdown()
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    if args.check:
+        stale = stale_files()
+        for path in stale:
+            print(f"stale: {path.relative_to(REPO_ROOT)} ({_STALE_HINT})")
+        return 1 if stale else 0
+    for path in write_generated_files():
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -144,6 +144,30 @@ def test_luffy_none_first_batch_keeps_completion_type():
     assert dataset[-1]["completion"] == LUFFY_ROWS[0]["target"]
 
 
+@pytest.mark.parametrize(
+    "rows, suggested",
+    [
+        ([{"problem": "1+1?", "solution": "\\boxed{2}", "level": "1"}], "adapter='problem_solution'"),
+        # LUFFY-like but without `target`: every demonstration would be lost silently; `verl` is that schema.
+        ([{"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2"}}], "adapter='verl'"),
+    ],
+)
+def test_luffy_wrong_schema_lists_columns_and_suggests_an_adapter(tmp_path, rows, suggested):
+    path = _write_jsonl(tmp_path / "other.jsonl", rows)
+    with pytest.raises(ValueError, match="Adapter 'luffy'") as error:
+        load_hpt_dataset(path, adapter="luffy")
+    message = str(error.value)
+    assert f"its columns are {sorted(rows[0])}" in message
+    assert "target" in message and suggested in message
+
+
+def test_luffy_unknown_schema_lists_the_adapters():
+    with pytest.raises(ValueError, match=r"its columns are \['gold', 'question'\]") as error:
+        adapt_dataset(datasets.Dataset.from_list([{"question": "q", "gold": "1"}]), "openr1")
+    for name in ("verl", "problem_solution", "identity"):
+        assert name in str(error.value)
+
+
 def test_adapter_is_callable_on_one_example():
     assert ADAPTERS["luffy"](LUFFY_ROWS[0], 0) == {
         "prompt": LUFFY_ROWS[0]["prompt"],

@@ -28,7 +28,7 @@ from trl_hpt.demo import addition_rows
 G = 4
 PROMPTS_PER_STEP = 4
 STEPS = 4
-# DESIGN 2.3: the names every tracker must see.
+# The metric names every tracker must see.
 HPT_METRICS = [
     "hpt/sft_fraction",
     "hpt/rl_fraction",
@@ -62,13 +62,8 @@ class Recorder(TrainerCallback):
 
 
 def make_trainer(output_dir, char_tokenizer, callbacks=(), **overrides):
-    args = train_args(
-        output_dir,
-        per_device_train_batch_size=PROMPTS_PER_STEP * G,
-        num_generations=G,
-        max_steps=STEPS,
-        **overrides,
-    )
+    values = {"per_device_train_batch_size": PROMPTS_PER_STEP * G, "num_generations": G, "max_steps": STEPS}
+    args = train_args(output_dir, **{**values, **overrides})
     return HPTTrainer(
         model=tiny_model(char_tokenizer),
         reward_funcs=k_of_g_reward,
@@ -196,6 +191,28 @@ def test_report_is_resume_safe(run, tmp_path, char_tokenizer):
     assert [e["step"] for e in report["steps"]] == list(range(1, STEPS + 1))
 
 
+def test_a_second_report_callback_for_the_same_directory_writes_nothing(tmp_path, char_tokenizer, caplog):
+    # The old docs said to add the callback by hand, but HPTTrainer (hpt_report=True) already has one: following
+    # them must not write every record twice. The same directory spelt differently is still the same directory.
+    steps = 2
+    trainer = make_trainer(tmp_path / "out", char_tokenizer, max_steps=steps)
+    trainer.add_callback(HPTReportCallback(trainer))
+    trainer.add_callback(HPTReportCallback(trainer, output_dir=tmp_path / "x" / ".." / "out"))
+    reports = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, HPTReportCallback)]
+    assert len(reports) == 3
+    with caplog.at_level(logging.WARNING, logger="trl_hpt.callbacks"):
+        trainer.train()
+
+    records = read_gate_history(tmp_path / "out" / GATE_HISTORY_FILE)
+    assert len(trainer.gate_history) == steps * PROMPTS_PER_STEP
+    assert records == trainer.gate_history
+    report = json.loads((tmp_path / "out" / REPORT_JSON_FILE).read_text())
+    assert report["num_records"] == steps * PROMPTS_PER_STEP
+    assert [e["num_prompts"] for e in report["steps"]] == [PROMPTS_PER_STEP] * steps
+    warnings = [r.getMessage() for r in caplog.records if "Another HPTReportCallback" in r.getMessage()]
+    assert len(warnings) == 2  # once per extra callback, not once per step
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Units
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,11 +225,24 @@ def _record(step, accuracy, sft, alpha=None):
 
 def test_summary_aggregates_per_step():
     records = [_record(0, 0.0, True), _record(0, 0.5, False), _record(0, 1.0, False), _record(2, 0.0, True)]
-    assert summarize_gate_history(records) == [
+    expected = [
         {"step": 1, "sft_fraction": 1 / 3, "rl_fraction": 2 / 3, "accuracy": 0.5, "num_prompts": 3},
         {"step": 3, "sft_fraction": 1.0, "rl_fraction": 0.0, "accuracy": 0.0, "num_prompts": 1},
     ]
+    assert summarize_gate_history(records) == [{**entry, "unscored_fraction": 0.0} for entry in expected]
     assert summarize_gate_history([]) == []
+
+
+def test_summary_leaves_unscored_prompts_out_of_the_accuracy(tmp_path):
+    # A prompt none of whose rollouts was scored has `accuracy: None` in its record (P unknown, trained by RL).
+    records = [_record(0, None, False), _record(0, 0.5, False), _record(1, None, False)]
+    summary = summarize_gate_history(records)
+    assert [(e["accuracy"], e["unscored_fraction"], e["num_prompts"]) for e in summary] == [
+        (0.5, 0.5, 2),
+        (None, 1, 1),
+    ]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot_gate_summary(summary, tmp_path / "gaps.png") is True
 
 
 def _events(callback, directory, global_step=0, world_zero=True):

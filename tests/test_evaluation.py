@@ -1,8 +1,12 @@
 import json
 import math
+import re
+import sys
+from types import SimpleNamespace
 
 import pytest
 from helpers_tiny import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_model
+from transformers import HfArgumentParser
 
 from trl_hpt import evaluation
 from trl_hpt.evaluation import (
@@ -252,3 +256,100 @@ def test_write_results_and_table(tmp_path):
     table = format_table(results)
     assert table.splitlines()[0].split() == ["Benchmark", "Problems", "Samples", "pass@1"]
     assert table.splitlines()[2].split() == ["AIME24", "30", "1", "25.0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Progress and CPU defaults
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_eval_command_shows_progress_on_stderr_and_can_hide_it(tmp_path, capsys):
+    from trl_hpt import cli
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    argv = ["eval", "--model_name_or_path", model_dir, "--benchmarks", "AIME24", "AMC23", "--limit", "2"]
+    argv += ["--num_samples", "2", "--temperature", "1.0", "--max_new_tokens", "3", "--output_file", ""]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    # One bar per benchmark, over its samples (2 problems x 2 samples), with the problems done beside it.
+    for name in ("AIME24", "AMC23"):
+        assert re.search(rf"{name}: 100%.*4/4 .*problems 2/2", captured.err), captured.err
+        assert name in captured.out  # the table, on stdout
+    assert "max_new_tokens is not set" not in captured.err
+
+    assert cli.main([*argv, "--disable_tqdm", "true"]) == 0
+    captured = capsys.readouterr()
+    assert "AIME24:" not in captured.err and "sample" not in captured.err
+    assert "AIME24" in captured.out
+
+
+def _length_recorder(monkeypatch, name="_generate_transformers"):
+    seen = []
+
+    def generate(model, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, *args, **kwargs):
+        seen.append(max_new_tokens)
+        return [["\\boxed{0}"] * num_samples for _ in prompts]
+
+    monkeypatch.setattr(evaluation, name, generate)
+    return seen
+
+
+def test_cpu_default_length_is_short_and_warns_naming_the_flag(tiny, monkeypatch, caplog):
+    model, tokenizer = tiny
+    seen = _length_recorder(monkeypatch)
+    with caplog.at_level("WARNING", logger="trl_hpt.evaluation"):
+        results = evaluate(model, tokenizer, ["aime24"], limit=1, disable_tqdm=True)
+    assert seen == [evaluation.CPU_MAX_NEW_TOKENS] == [512]
+    assert results["config"]["max_new_tokens"] == 512
+    (warning,) = [r.getMessage() for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    assert "--max_new_tokens" in warning and "8192" in warning and "CPU" in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trl_hpt.evaluation"):
+        results = evaluate(model, tokenizer, ["aime24"], limit=1, max_new_tokens=16, disable_tqdm=True)
+    assert seen[-1] == 16 and results["config"]["max_new_tokens"] == 16
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        evaluate(model, tokenizer, ["aime24"], limit=1, max_new_tokens=0)
+
+
+def test_gpu_default_length_is_the_papers(tiny, monkeypatch, caplog):
+    import torch
+
+    _, tokenizer = tiny
+    seen = _length_recorder(monkeypatch)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))  # generation is stubbed: only the device is read
+    with caplog.at_level("WARNING", logger="trl_hpt.evaluation"):
+        results = evaluate(on_gpu, tokenizer, ["aime24"], limit=1, disable_tqdm=True)
+    assert seen == [evaluation.DEFAULT_MAX_NEW_TOKENS] == [8192]
+    assert results["config"]["max_new_tokens"] == 8192
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    (defaults,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(["--model_name_or_path", "m"])
+    assert defaults.max_new_tokens is None and defaults.disable_tqdm is False
+
+
+def test_vllm_backend_shows_vllms_progress_and_the_papers_length(tiny, monkeypatch, capsys):
+    _, tokenizer = tiny
+    calls = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class LLM:  # stands for vllm.LLM: `evaluate` tells the backend from the class's module
+        def generate(self, requests, params, use_tqdm=True):
+            calls.append({"use_tqdm": use_tqdm, "max_tokens": params.max_tokens, "n": params.n})
+            sample = SimpleNamespace(text="\\boxed{0}")
+            return [SimpleNamespace(outputs=[sample] * params.n) for _ in requests]
+
+    LLM.__module__ = "vllm.entrypoints.llm"
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=SamplingParams))
+
+    results = evaluate(LLM(), tokenizer, ["aime24"], num_samples=3, limit=2)
+    assert calls == [{"use_tqdm": True, "max_tokens": 8192, "n": 3}]
+    assert results["config"]["backend"] == "vllm"
+    assert "AIME24: 2 problems x 3 samples" in capsys.readouterr().err
+
+    evaluate(LLM(), tokenizer, ["aime24"], num_samples=3, limit=2, max_new_tokens=64, disable_tqdm=True)
+    assert calls[-1] == {"use_tqdm": False, "max_tokens": 64, "n": 3}
+    assert capsys.readouterr().err == ""

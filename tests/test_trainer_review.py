@@ -153,7 +153,7 @@ def test_demonstration_format_does_not_depend_on_the_hash_seed(tmp_path):
 
 
 def test_mixed_groups_follow_normalize_then_sum(tmp_path, char_tokenizer):
-    from trl_hpt.estimator import grpo_advantages
+    from trl_hpt.grpo_mirror import grpo_advantages
 
     rows = addition_rows(PAIRS)
     always = lambda completions, **kw: [1.0] * len(completions)  # noqa: E731
@@ -183,7 +183,7 @@ def test_mixed_groups_follow_normalize_then_sum(tmp_path, char_tokenizer):
 
 def test_grpo_advantages_equal_grpo_trainers(tmp_path, char_tokenizer):
     """The advantage recipe the mixed groups reuse is GRPOTrainer's, for both aggregations and every scaling."""
-    from trl_hpt.estimator import grpo_advantages
+    from trl_hpt.grpo_mirror import grpo_advantages
 
     rows = [{"prompt": r["prompt"]} for r in addition_rows(PAIRS)]
     flaky = lambda completions, **kw: [None if i % 3 == 0 else 0.5 * i for i in range(len(completions))]  # noqa: E731

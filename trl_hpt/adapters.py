@@ -414,6 +414,10 @@ class DatasetAdapter:
         features (`Callable`, *optional*):
             `features(input_features, options) -> dict | None`: the `datasets` features of the output columns, or
             `None` when they cannot be told from the input features.
+        requires (`Callable`, *optional*):
+            `requires(options) -> tuple[str, ...]`: columns the source schema must have. [`adapt_dataset`] checks
+            them before mapping, so a dataset of another schema fails at once with its columns listed and an
+            adapter that fits suggested, rather than on its first row.
     """
 
     name: str
@@ -421,6 +425,7 @@ class DatasetAdapter:
     description: str
     consumes: Callable[[Sequence[str], Mapping[str, Any]], tuple[str, ...]] | None = None
     features: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any] | None] | None = None
+    requires: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
 
     def __call__(self, example: Mapping[str, Any], index: int | None = None, **options: Any) -> dict[str, Any]:
         return self.function(example, index, **options)
@@ -433,6 +438,8 @@ _LUFFY = DatasetAdapter(
     "`reward_model.ground_truth`.",
     consumes=_luffy_consumes,
     features=_messages_features,
+    # `target` too: without it every row would silently lose its demonstration (`verl` is the prompt-only schema).
+    requires=lambda options: ("prompt", "target", "reward_model"),
 )
 _VERL = DatasetAdapter(
     name="verl",
@@ -441,6 +448,7 @@ _VERL = DatasetAdapter(
     "`target`, `response` or `extra_info.answer`.",
     consumes=_verl_consumes,
     features=_messages_features,
+    requires=lambda options: ("prompt", "reward_model"),
 )
 _PROBLEM_SOLUTION = DatasetAdapter(
     name="problem_solution",
@@ -448,6 +456,7 @@ _PROBLEM_SOLUTION = DatasetAdapter(
     description="MATH / NuminaMath style: `problem`, worked `solution`, optional `answer` (else last \\boxed{}).",
     consumes=_problem_solution_consumes,
     features=_problem_solution_features,
+    requires=lambda options: (options.get("problem_key", "problem"),),
 )
 _IDENTITY = DatasetAdapter(
     name="identity",
@@ -575,6 +584,7 @@ def adapt_dataset(
 
     if isinstance(adapter, DatasetAdapter):
         _check_options(adapter, options)
+        _check_required_columns(adapter, columns, options)
         consumed = adapter.consumes(columns, options) if adapter.consumes is not None else ()
         function = partial(adapter.function, **options)
         with_indices = True
@@ -648,6 +658,33 @@ def _check_options(adapter: DatasetAdapter, options: Mapping[str, Any]) -> None:
         raise ValueError(f"Unknown option(s) {unknown} for adapter {adapter.name!r}; it accepts: {accepted}.")
     if options.get("drop_system_prompt") and options.get("system_prompt") is not None:
         raise ValueError("Pass either `drop_system_prompt=True` or `system_prompt=...`, not both.")
+
+
+def _check_required_columns(adapter: DatasetAdapter, columns: Sequence[str], options: Mapping[str, Any]) -> None:
+    if adapter.requires is None:
+        return
+    required = adapter.requires(options)
+    missing = [column for column in required if column not in columns]
+    if not missing:
+        return
+    try:
+        detected = detect_adapter(columns)
+    except ValueError:
+        detected = None
+    if detected is not None and ADAPTERS[detected] is not adapter:
+        suggestion = (
+            f"They look like the {detected!r} schema: pass adapter={detected!r} (or adapter=None to detect it)."
+        )
+    else:
+        suggestion = (
+            f"Pick the adapter of your schema among {sorted(set(ADAPTERS))} (adapter=None detects it), or pass a "
+            "callable `example -> dict` that returns `prompt` (and the demonstration in `completion`)."
+        )
+    schema = adapter.description.rstrip(".")
+    raise ValueError(
+        f"Adapter {adapter.name!r} ({schema}) needs the column(s) {missing}, which the dataset does not have; its "
+        f"columns are {sorted(columns)}. {suggestion}"
+    )
 
 
 def _split_tokens(relative: Path) -> set[str]:

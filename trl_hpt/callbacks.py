@@ -65,8 +65,10 @@ def summarize_gate_history(records: Iterable[dict[str, Any]]) -> list[dict[str, 
 
     Returns:
         `list[dict]`: One entry per step, sorted by step, with `step`, `sft_fraction` (share of the step's prompts sent
-        to SFT), `rl_fraction` (share with an RL weight `alpha > 0`), `accuracy` (mean prompt accuracy `P`) and
-        `num_prompts`.
+        to SFT), `rl_fraction` (share with an RL weight `alpha > 0`), `accuracy` (mean prompt accuracy `P` over the
+        prompts whose `P` is known, as `hpt/prompt_accuracy`; `None` when no rollout of the step was scored),
+        `unscored_fraction` (share of prompts none of whose rollouts was scored: their record's `accuracy` is `None`)
+        and `num_prompts`.
     """
     by_step: dict[int, list[dict[str, Any]]] = {}
     for record in records:
@@ -75,12 +77,14 @@ def summarize_gate_history(records: Iterable[dict[str, Any]]) -> list[dict[str, 
     for step in sorted(by_step):
         group = by_step[step]
         count = len(group)
+        scored = [float(r["accuracy"]) for r in group if r.get("accuracy") is not None]
         summary.append(
             {
                 "step": step + 1,
                 "sft_fraction": sum(bool(r["sft"]) for r in group) / count,
                 "rl_fraction": sum(float(r.get("alpha", 0.0)) > 0 for r in group) / count,
-                "accuracy": sum(float(r["accuracy"]) for r in group) / count,
+                "accuracy": sum(scored) / len(scored) if scored else None,
+                "unscored_fraction": (count - len(scored)) / count,
                 "num_prompts": count,
             }
         )
@@ -124,7 +128,9 @@ def plot_gate_summary(summary: list[dict[str, Any]], path: str | os.PathLike, ti
     # Markers keep short runs readable; on long runs they would only clutter the lines.
     marker = "o" if len(steps) <= 60 else None
     axes.plot(steps, [e["sft_fraction"] for e in summary], marker=marker, color="tab:orange", label="SFT fraction")
-    axes.plot(steps, [e["accuracy"] for e in summary], marker=marker, color="tab:blue", label="mean prompt accuracy P")
+    # A step without any scored prompt has no accuracy: a gap in the line rather than a fake 0.
+    accuracy = [float("nan") if e["accuracy"] is None else e["accuracy"] for e in summary]
+    axes.plot(steps, accuracy, marker=marker, color="tab:blue", label="mean prompt accuracy P")
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel("training step")
     axes.set_ylabel("share of prompts / accuracy")
@@ -145,13 +151,20 @@ class HPTReportCallback(TrainerCallback):
     - at each step end, the records of `trainer.gate_history` not yet written (one per prompt: `step`,
       `prompt_index`, `accuracy`, `alpha`, `beta`, `sft`) are appended to `<output_dir>/hpt_gate_history.jsonl`;
     - at the end of training, `<output_dir>/hpt_report.json` (per step: `sft_fraction`, `rl_fraction`, `accuracy`,
-      `num_prompts`; see [`summarize_gate_history`]) and `<output_dir>/hpt_report.png` (SFT fraction and mean prompt
-      accuracy over steps; skipped with a warning when matplotlib is missing) are written from the whole file.
+      `unscored_fraction`, `num_prompts`; see [`summarize_gate_history`]) and `<output_dir>/hpt_report.png` (SFT
+      fraction and mean prompt accuracy over steps; skipped with a warning when matplotlib is missing) are written
+      from the whole file.
 
     Resuming from a checkpoint is safe: at the start of training, records of batches generated at or after the
     resumed `global_step` (whose training the checkpoint does not contain, and which are generated again) are
     removed from the file, so no step is counted twice. A fresh run (`global_step` 0) in the same `output_dir`
     starts a new file.
+
+    [`~trl_hpt.HPTTrainer`] registers one of these itself when `HPTConfig.hpt_report` is `True` (the default), so
+    there is normally nothing to add. Add one only to write a second report elsewhere (another `output_dir`), or
+    with `hpt_report=False` to choose `plot` yourself. Of several callbacks of the same trainer writing into the
+    same directory, only the first registered one writes; the others log a warning and do nothing, so every record
+    is written once.
 
     Args:
         trainer ([`~trl_hpt.HPTTrainer`]):
@@ -164,9 +177,9 @@ class HPTReportCallback(TrainerCallback):
     Example:
 
     ```python
-    >>> trainer = HPTTrainer(model, reward_funcs, args=config, train_dataset=dataset)
-    >>> trainer.add_callback(HPTReportCallback(trainer))
-    >>> trainer.train()  # writes hpt_gate_history.jsonl, hpt_report.json and hpt_report.png into output_dir
+    >>> trainer = HPTTrainer(model, reward_funcs, args=config, train_dataset=dataset)  # adds the report itself
+    >>> trainer.add_callback(HPTReportCallback(trainer, output_dir="reports/run-1"))  # a second copy elsewhere
+    >>> trainer.train()  # writes hpt_gate_history.jsonl, hpt_report.json and hpt_report.png into both directories
     ```
     """
 
@@ -175,15 +188,48 @@ class HPTReportCallback(TrainerCallback):
         self.output_dir = output_dir
         self.plot = plot
         self._written = 0
+        self._warned_inactive = False
 
     def _directory(self, args) -> Path:
         return Path(self.output_dir if self.output_dir is not None else args.output_dir)
+
+    def _is_active(self, args) -> bool:
+        """
+        Whether this callback writes the report: it is the first registered `HPTReportCallback` of its trainer for
+        its directory. Decided on each event from the trainer's callback list, so removing the first one hands the
+        report to the next.
+        """
+        handler = getattr(self.trainer, "callback_handler", None)
+        if handler is None:  # not registered with a Trainer (e.g. driven by hand): nothing to share with
+            return True
+        directory = self._directory(args).resolve()
+        for callback in handler.callbacks:
+            if (
+                isinstance(callback, HPTReportCallback)
+                and callback.trainer is self.trainer
+                and callback._directory(args).resolve() == directory
+            ):
+                if callback is self:
+                    return True
+                if not self._warned_inactive:
+                    self._warned_inactive = True
+                    logger.warning(
+                        f"Another HPTReportCallback already reports this trainer into {directory} (HPTTrainer adds "
+                        "one itself when HPTConfig.hpt_report=True), so this one writes nothing; there is no need "
+                        "to add it. Give it another `output_dir` for a second copy of the report."
+                    )
+                return False
+        return True  # not in the list at all: driven by hand
 
     def _history(self) -> list[dict[str, Any]]:
         return getattr(self.trainer, "gate_history", None) or []
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
+            return
+        if not self._is_active(args):
+            # Kept in step, so that this callback writes from the right record if it ever takes the report over.
+            self._written = len(self._history())
             return
         directory = self._directory(args)
         directory.mkdir(parents=True, exist_ok=True)
@@ -210,11 +256,15 @@ class HPTReportCallback(TrainerCallback):
         self._written = len(history)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if not state.is_world_process_zero:
+            return
+        if self._is_active(args):
             self._append_new_records(args)
+        else:
+            self._written = len(self._history())
 
     def on_train_end(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or not self._is_active(args):
             return
         self._append_new_records(args)
         directory = self._directory(args)

@@ -400,55 +400,6 @@ def mixed_group_advantages(
     return group_advantages(mixed, num_generations, scale_rewards, eps)
 
 
-def grpo_advantages(
-    rewards_per_func: torch.Tensor,
-    reward_weights: torch.Tensor,
-    num_generations: int,
-    scale_rewards: str = "group",
-    multi_objective_aggregation: str = "sum_then_normalize",
-    eps: float = 1e-4,
-) -> torch.Tensor:
-    """
-    Advantages from per-function rewards exactly as `GRPOTrainer._generate_and_score_completions` (TRL 1.16) forms
-    them, so that a batch whose rewards were edited (a demonstration's in its rollout's slot) is normalised the same way.
-
-    `"sum_then_normalize"`: the weighted total, centred per group and scaled as `scale_rewards` says (see
-    [`group_advantages`]). `"normalize_then_sum"`: each function's rewards standardised per group, the weighted sum of
-    those standardised over the whole batch. Rows every function left unscored (all NaN) get advantage 0.
-
-    Args:
-        rewards_per_func (`torch.Tensor` of shape `(N, F)`): rewards of consecutive groups, NaN for `None`.
-        reward_weights (`torch.Tensor` of shape `(F,)`): the config's reward weights.
-        num_generations (`int`): group size `G`.
-        scale_rewards (`str`): `"group"`, `"batch"` or `"none"`.
-        multi_objective_aggregation (`str`): `"sum_then_normalize"` or `"normalize_then_sum"`.
-    """
-    from trl.trainer.utils import nanstd
-
-    weights = reward_weights.to(rewards_per_func.device, rewards_per_func.dtype).unsqueeze(0)
-    unscorable = torch.isnan(rewards_per_func).all(dim=1)
-    if multi_objective_aggregation == "sum_then_normalize":
-        rewards = (rewards_per_func * weights).nansum(dim=1)
-        rewards[unscorable] = torch.nan
-        return group_advantages(rewards, num_generations, scale_rewards, eps)
-    elif multi_objective_aggregation == "normalize_then_sum":
-        num_funcs = rewards_per_func.size(1)
-        grouped = rewards_per_func.view(-1, num_generations, num_funcs)
-        mean = torch.nanmean(grouped, dim=1, keepdim=True)
-        std = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
-        standardised = ((grouped - mean) / (std + eps)).view(-1, num_funcs)
-        rewards = (standardised * weights).nansum(dim=1)
-        rewards[unscorable] = torch.nan
-        batch_std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        advantages = (rewards - torch.nanmean(rewards)) / (batch_std + eps)
-    else:
-        raise ValueError(
-            f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got "
-            f"{multi_objective_aggregation!r}."
-        )
-    return torch.nan_to_num(advantages, nan=0.0)
-
-
 def sign_advantages(rewards: torch.Tensor, success_threshold: float = 1.0) -> torch.Tensor:
     """REINFORCE-sign advantages: `+1` for a correct rollout (reward >= threshold), `-1` otherwise (NaN included)."""
     correct = torch.nan_to_num(rewards, nan=-math.inf) >= success_threshold

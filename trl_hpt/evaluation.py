@@ -8,7 +8,8 @@ Each problem is asked with the prompt suffix the paper's evaluation uses (Qwen2.
 and put your final answer within \\boxed{}."), through the tokenizer's chat template when it has one. Completions are
 scored with [`~trl_hpt.rewards.math_verify_reward`]; pass@1 is the mean accuracy over all samples and pass@k the
 unbiased estimator of Chen et al. (2021). Generation runs on vLLM when given a `vllm.LLM`, else on batched
-transformers `generate`. [`run_eval`] is the command-line entry point (`trl-hpt eval`).
+transformers `generate`, with a progress bar on stderr. [`run_eval`] is the command-line entry point
+(`trl-hpt eval`).
 """
 
 import importlib.util
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ from trl_hpt.rewards import extract_final_answer, math_verify_reward
 
 __all__ = [
     "BENCHMARKS",
+    "CPU_MAX_NEW_TOKENS",
+    "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_PROMPT_SUFFIX",
     "EvalArguments",
     "available_benchmarks",
@@ -44,6 +48,12 @@ BENCHMARKS = ("AIME24", "AIME25", "AMC23", "MATH-500", "Minerva", "Olympiad-Benc
 """The benchmarks shipped in `trl_hpt/benchmarks_data/`, in the order the paper reports them."""
 
 DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+
+DEFAULT_MAX_NEW_TOKENS = 8192
+"""Completion length when none is given and the model runs on a GPU or vLLM: the paper's response length."""
+
+CPU_MAX_NEW_TOKENS = 512
+"""Completion length when none is given and the model is on the CPU, where an 8192-token sample takes many minutes."""
 
 BACKENDS = ("auto", "transformers", "vllm")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -209,9 +219,16 @@ def _generate_transformers(
     max_new_tokens: int,
     batch_size: int,
     add_special_tokens: bool,
+    progress: dict | None = None,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt with batched `model.generate` (left padding; greedy at temperature 0)."""
+    """
+    `num_samples` completions per prompt with batched `model.generate` (left padding; greedy at temperature 0).
+
+    `progress`, when given, holds the keyword arguments of a `tqdm` bar over the samples (the problems done shown
+    beside it), advanced after every `generate` call.
+    """
     import torch
+    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     greedy = temperature <= 0
@@ -243,6 +260,7 @@ def _generate_transformers(
         tokenizer.pad_token = tokenizer.eos_token
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(prompts) * num_samples, unit="sample", **progress) if progress is not None else None
     try:
         for start in range(0, len(order), prompts_per_batch):
             indices = order[start : start + prompts_per_batch]
@@ -258,9 +276,15 @@ def _generate_transformers(
             for j, i in enumerate(indices):
                 samples = texts[j * num_generated : (j + 1) * num_generated]
                 completions[i] = samples * num_samples if greedy else samples
+            if bar is not None:
+                done = min(start + prompts_per_batch, len(order))
+                bar.set_postfix_str(f"problems {done}/{len(order)}", refresh=False)
+                bar.update(len(indices) * num_samples)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return completions
 
 
@@ -274,8 +298,14 @@ def _generate_vllm(
     max_new_tokens: int,
     seed: int,
     add_special_tokens: bool,
+    progress: dict | None = None,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt with `vllm.LLM.generate` (`SamplingParams(n=num_samples)`)."""
+    """
+    `num_samples` completions per prompt with `vllm.LLM.generate` (`SamplingParams(n=num_samples)`).
+
+    With `progress`, vLLM's own progress bar is shown: one request is one problem with all its samples, so it counts
+    problems (with vLLM's token throughput). A line naming the benchmark and the sample count comes first.
+    """
     from vllm import SamplingParams
 
     greedy = temperature <= 0
@@ -290,9 +320,30 @@ def _generate_vllm(
     requests = [
         {"prompt_token_ids": tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]} for p in prompts
     ]
-    outputs = llm.generate(requests, params)
+    if progress is not None:
+        print(
+            f"{progress['desc']}: {len(prompts)} problems x {num_samples} samples, generating with vLLM",
+            file=progress.get("file", sys.stderr),
+            flush=True,
+        )
+    # Not chunked for our own bar: vLLM schedules best with every request at once.
+    outputs = llm.generate(requests, params, use_tqdm=progress is not None)
     completions = [[sample.text for sample in output.outputs] for output in outputs]
     return [samples * num_samples if greedy else samples for samples in completions]
+
+
+def _default_max_new_tokens(model, backend: str) -> int:
+    """The paper's length on a GPU or vLLM; a CPU-sized one, with a warning naming the flag, on the CPU."""
+    device = getattr(model, "device", None)
+    if backend == "vllm" or getattr(device, "type", "cpu") != "cpu":
+        return DEFAULT_MAX_NEW_TOKENS
+    logger.warning(
+        f"max_new_tokens is not set and the model is on the CPU: generating at most {CPU_MAX_NEW_TOKENS} new tokens "
+        f"per sample instead of the paper's {DEFAULT_MAX_NEW_TOKENS} (its GPU setting), which take a long time per "
+        f"sample here. Reasoning cut at {CPU_MAX_NEW_TOKENS} tokens scores lower than the paper's setting; pass "
+        "--max_new_tokens (max_new_tokens= in Python) to choose the length."
+    )
+    return CPU_MAX_NEW_TOKENS
 
 
 def evaluate(
@@ -303,7 +354,7 @@ def evaluate(
     k_values: Sequence[int] = (1,),
     temperature: float = 0.6,
     top_p: float = 0.95,
-    max_new_tokens: int = 8192,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     limit: int | None = None,
     backend: str = "auto",
@@ -312,6 +363,7 @@ def evaluate(
     use_chat_template: bool = True,
     seed: int = 42,
     save_completions: bool = True,
+    disable_tqdm: bool = False,
 ) -> dict:
     """
     Generates `num_samples` completions per problem of each benchmark, scores them with
@@ -333,8 +385,10 @@ def evaluate(
             Sampling temperature; 0 means greedy decoding (every sample is then the same completion).
         top_p (`float`, *optional*, defaults to `0.95`):
             Nucleus sampling threshold. Top-k sampling is disabled on both backends.
-        max_new_tokens (`int`, *optional*, defaults to `8192`):
-            Maximum completion length (the paper's training response length).
+        max_new_tokens (`int`, *optional*):
+            Maximum completion length. `None`: [`DEFAULT_MAX_NEW_TOKENS`] (8192, the paper's response length) on a
+            GPU or with vLLM, [`CPU_MAX_NEW_TOKENS`] (512) for a model on the CPU, with a warning, since reasoning
+            traces cut there score lower than the paper's numbers. The value used is in `config.max_new_tokens`.
         batch_size (`int`, *optional*, defaults to `8`):
             transformers backend: sequences (prompts x samples) per `generate` call. vLLM schedules by itself.
         limit (`int`, *optional*):
@@ -351,6 +405,9 @@ def evaluate(
             Sampling seed.
         save_completions (`bool`, *optional*, defaults to `True`):
             Keep the completion texts in the per-problem records (large for long reasoning traces).
+        disable_tqdm (`bool`, *optional*, defaults to `False`):
+            Hide the progress bars, shown on stderr: per benchmark, the samples generated and the problems done
+            (transformers), or vLLM's own bar over the problems.
 
     Returns:
         `dict`: `{"config": {...}, "benchmarks": {name: {...}}, "average": {...}}`. Each benchmark has
@@ -385,6 +442,10 @@ def evaluate(
     if skipped:
         logger.warning(f"pass@k for k={skipped} needs at least k samples per problem (num_samples={num_samples}).")
     ks = [k for k in ks if k <= num_samples]
+    if max_new_tokens is None:
+        max_new_tokens = _default_max_new_tokens(model, backend)
+    elif isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
 
     from transformers import set_seed
 
@@ -415,14 +476,34 @@ def evaluate(
             build_prompt(row["prompt"], tokenizer, system_prompt, prompt_suffix, use_chat_template) for row in rows
         ]
         logger.info(f"{label}: generating {num_samples} sample(s) for {len(rows)} problems with {backend}.")
+        # Looked up at each call, so that a redirected (or captured) stderr gets the bar.
+        progress = None if disable_tqdm else {"desc": label, "file": sys.stderr}
         # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's.
         if backend == "vllm":
             completions = _generate_vllm(
-                model, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed, not chat
+                model,
+                tokenizer,
+                prompts,
+                num_samples,
+                temperature,
+                top_p,
+                max_new_tokens,
+                seed,
+                not chat,
+                progress=progress,
             )
         else:
             completions = _generate_transformers(
-                model, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, batch_size, not chat
+                model,
+                tokenizer,
+                prompts,
+                num_samples,
+                temperature,
+                top_p,
+                max_new_tokens,
+                batch_size,
+                not chat,
+                progress=progress,
             )
         results["benchmarks"][label] = _score(rows, prompts, completions, ks, save_completions)
 
@@ -526,7 +607,8 @@ class EvalArguments:
     [`~trl.TrlParser`] (so also from a YAML config).
 
     Defaults follow the paper's evaluation setup where it is known (prompt suffix, temperature 0.6, top-p 0.95, 8192
-    new tokens); use `--num_samples 16 --k 1 16` for the avg@16 / pass@16 numbers of small benchmarks such as AIME.
+    new tokens on a GPU); use `--num_samples 16 --k 1 16` for the avg@16 / pass@16 numbers of small benchmarks such
+    as AIME. On the CPU, `max_new_tokens` defaults to 512, with a warning (see [`evaluate`]).
     """
 
     model_name_or_path: str = field(metadata={"help": "Local model directory or Hugging Face Hub model id."})
@@ -541,7 +623,13 @@ class EvalArguments:
     )
     temperature: float = field(default=0.6, metadata={"help": "Sampling temperature; 0 for greedy decoding."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold (top-k is disabled)."})
-    max_new_tokens: int = field(default=8192, metadata={"help": "Maximum number of generated tokens per completion."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Maximum number of generated tokens per completion. Default: {DEFAULT_MAX_NEW_TOKENS} (the "
+            f"paper's) on a GPU or with vLLM, {CPU_MAX_NEW_TOKENS} on the CPU (with a warning)."
+        },
+    )
     batch_size: int = field(
         default=8, metadata={"help": "transformers backend: sequences (prompts x samples) per generate call."}
     )
@@ -573,6 +661,9 @@ class EvalArguments:
     save_completions: bool = field(default=True, metadata={"help": "Keep every completion text in the JSON records."})
     max_model_len: int | None = field(
         default=None, metadata={"help": "vLLM backend: context length (prompt + completion); default: the model's."}
+    )
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "Hide the progress bars (shown on stderr, per benchmark)."}
     )
 
     def __post_init__(self):
@@ -650,6 +741,7 @@ def run_eval(args: EvalArguments) -> dict:
         use_chat_template=args.use_chat_template,
         seed=args.seed,
         save_completions=args.save_completions,
+        disable_tqdm=args.disable_tqdm,
     )
     results["config"] = {"model_name_or_path": args.model_name_or_path, **results["config"], "arguments": asdict(args)}
     if args.output_file:

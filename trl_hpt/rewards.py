@@ -292,9 +292,12 @@ def math_verify_reward(
 
     The final answer is the last `\boxed{}` (or `\fbox{}`) of the completion, or, without one, its last explicit
     `Answer: ...` / `The final answer is ...` statement (see [`extract_final_answer`]). Gold answers may be given
-    bare (`34`, `\frac{1}{2}`, `$(2,4)$`, `4.5e33`) or boxed. Equivalence is decided by math-verify through TRL's
-    [`~trl.rewards.accuracy_reward`], so `0.5`, `\frac{1}{2}` and `\dfrac12` are all equal to `1/2`, sets compare
-    unordered and units in `\text{}` are ignored.
+    bare (`34`, `\frac{1}{2}`, `$(2,4)$`, `4.5e33`) or boxed. Equivalence is decided by math-verify's `parse` and
+    `verify`, called here directly with the timeouts TRL's [`~trl.rewards.accuracy_reward`] uses, not through that
+    function (the module docstring says where it differs): both sides are parsed as one boxed answer, so `0.5`,
+    `\frac{1}{2}` and `\dfrac12` are all equal to `1/2`, sets compare unordered and units in `\text{}` are ignored.
+    Two numbers math-verify calls equal (its tolerance is absolute) still score 0.0 when they are less than `1e-6`
+    apart but differ by more than 0.01%, as small physical constants do.
 
     Multiple-choice gold answers (a single upper-case letter such as GPQA's `D`, or MATH's `\text{(C)}`) are compared
     by letter instead: `\boxed{D}`, `\boxed{(D)}` and `\boxed{\text{D. 42}}` all count as `D`. math-verify would

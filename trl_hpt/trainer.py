@@ -12,7 +12,7 @@ from accelerate.utils import gather
 from packaging.version import Version
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
-from trl.trainer.utils import get_config_model_id, nanmax, nanmin
+from trl.trainer.utils import get_config_model_id
 
 from trl_hpt.callbacks import HPTReportCallback
 from trl_hpt.config import HPTConfig
@@ -23,14 +23,10 @@ from trl_hpt.data import (
     demonstration_messages,
     demonstration_text,
 )
-from trl_hpt.estimator import (
-    get_preset,
-    grpo_advantages,
-    hybrid_loss,
-    loss_type_denominator,
-    online_spec_from_grpo_config,
-)
+from trl_hpt.estimator import get_preset, hybrid_loss, loss_type_denominator, online_spec_from_grpo_config
 from trl_hpt.feedback import FeedbackFn, feedback_weights, prompt_accuracy, verifier_rewards
+from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
+from trl_hpt.model_card import complete_model_card, model_card_names
 
 
 logger = logging.getLogger(__name__)
@@ -50,9 +46,6 @@ _PER_TOKEN_FILL = {
 _PROMPT_COMPLETION_KEYS = ("token_type_ids", "mm_token_type_ids")
 # Multimodal inputs are not row-sliceable in one simple way; with them, the loss pass keeps every row.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes")
-# Loss types whose GRPOTrainer loss is already divided by the accumulation steps inside its token normaliser.
-_GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
-_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _OFFLINE, _WEIGHT, _TOKEN_MEAN_TOKENS = "hpt_offline", "hpt_weight", "hpt_token_mean_tokens"
 _POLICY_ROWS = "hpt_policy_rows"
 
@@ -68,7 +61,7 @@ def check_trl_version(version: str | None = None) -> None:
         )
 
 
-class HPTTrainer(GRPOTrainer):
+class HPTTrainer(GRPOLossMirror, GRPOTrainer):
     r"""
     Trainer for Hybrid Post-Training (HPT).
 
@@ -213,6 +206,12 @@ class HPTTrainer(GRPOTrainer):
                         "GRPO. Fill the column, point HPTConfig.demonstration_column at the right one, or use "
                         "HPTConfig(feedback='rl') for GRPO."
                     )
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        # TRL names the card after the Hub id only: a model trained from a local directory would read "None".
+        names = model_card_names(self, model_name)
+        super().create_model_card(model_name=names["model_name"], dataset_name=dataset_name, tags=tags)
+        complete_model_card(self, names)
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation: the gate
@@ -460,51 +459,9 @@ class HPTTrainer(GRPOTrainer):
         old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
         # TRL's token-level modifiers act on the rollouts that train: demonstrations have no sampling log-probs, no
         # vLLM importance ratio and no reference log-probs, and zero-weight rollouts must not move a global quantile.
-        rl_mask = mask * (online & trained).unsqueeze(1)
-        log_ratio = per_token_logps - old_per_token_logps
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
-
-        scale, entropy_mask, phi = None, None, None
-        if self.top_entropy_quantile < 1.0:
-            entropy_mask = self.get_high_entropy_mask(entropies, rl_mask, 1 - self.top_entropy_quantile)
-            scale = entropy_mask
-        if self.off_policy_mask_threshold is not None:
-            off_policy_mask = self.get_off_policy_mask(
-                advantages=advantages,
-                per_token_logps=per_token_logps,
-                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
-                mask=mask,
-                off_policy_threshold=self.off_policy_mask_threshold,
-            )
-            scale = off_policy_mask if scale is None else off_policy_mask * scale
-        if self.loss_type == "vespo":
-            phi = self.get_gamma_weights(
-                advantages=advantages,
-                log_ratio_per_token=per_token_logps - old_per_token_logps,
-                mask=mask,
-                importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
-                k_pos=self.args.vespo_k_pos,
-                lambda_pos=self.args.vespo_lambda_pos,
-                k_neg=self.args.vespo_k_neg,
-                lambda_neg=self.args.vespo_lambda_neg,
-            )
-            scale = phi if scale is None else phi * scale
-        elif self.use_vllm and self.vllm_importance_sampling_correction:
-            scale = (
-                inputs["importance_sampling_ratio"] if scale is None else scale * inputs["importance_sampling_ratio"]
-            )
-        per_token_kl = None
-        if self.beta != 0.0:
-            # Demonstration rows hold a fill value, not reference log-probs, and the term is not applied to them: a
-            # zero log-ratio there, since exp() of the fill can overflow and the zero gradient torch.where sends back
-            # through an inf is NaN.
-            ref = torch.where(online.unsqueeze(1), inputs["ref_per_token_logps"], per_token_logps.detach())
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * ratio
-
+        terms = self._grpo_token_terms(
+            inputs, per_token_logps, old_per_token_logps, advantages, entropies, mask, online & trained
+        )
         result = hybrid_loss(
             per_token_logps,
             mask,
@@ -518,22 +475,12 @@ class HPTTrainer(GRPOTrainer):
             policy_denominator=policy_denominator,
             token_mean_denominator=token_mean_denominator,
             offline_coef=self.args.sft_loss_coef,
-            online_token_scale=scale,
-            online_token_bias=None if per_token_kl is None else self.beta * per_token_kl,
+            online_token_scale=terms.scale,
+            online_token_bias=None if terms.per_token_kl is None else self.beta * terms.per_token_kl,
         )
-        loss = result.loss
         active = mask * trained.unsqueeze(1)
-        if self._entropy_bonus_enabled:
-            # GRPOTrainer logs the loss before the bonus, unscaled by accumulation where its loss type scales it.
-            unscaled = loss.detach() if self.loss_type in _GLOBAL_TOKEN_LOSS_TYPES else loss.detach() * accumulation
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(unscaled).nanmean().item())
-            loss = loss - self._entropy_bonus(
-                entropies, active if entropy_mask is None else active * entropy_mask, mode
-            )
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-
+        effective = active if terms.entropy_mask is None else active * terms.entropy_mask
+        loss = self._grpo_regularize(result.loss, entropies, effective, aux_loss, accumulation, mode)
         step = _LossStep(
             per_token_logps=per_token_logps.detach(),
             mask=mask,
@@ -541,10 +488,10 @@ class HPTTrainer(GRPOTrainer):
             rl_rows=online & trained,
             offline=offline,
             entropies=entropies,
-            ratio=ratio.detach(),
+            ratio=terms.ratio.detach(),
             advantages=advantages,
-            per_token_kl=None if per_token_kl is None else per_token_kl.detach(),
-            phi=phi,
+            per_token_kl=None if terms.per_token_kl is None else terms.per_token_kl.detach(),
+            phi=terms.phi,
         )
         self._log_loss_metrics(mode, result, step, accumulation, training)
         return loss
@@ -595,75 +542,11 @@ class HPTTrainer(GRPOTrainer):
             keep[0] = True
         return keep.nonzero(as_tuple=True)[0]
 
-    def _entropy_bonus(self, entropies, effective_mask, mode):
-        # GRPOTrainer's entropy bonus: a token mean over the tokens that train, scaled for accumulation only.
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation
-        if self.use_adaptive_entropy:
-            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
-            if mode == "train":
-                stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()
-                window = self._entropy_window_stats
-                self._entropy_window_stats = stats if window is None else window + stats
-                if self.accelerator.sync_gradients:
-                    totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                    world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
-                    step = self.args.entropy_coef_delta
-                    if world_entropy <= self.args.entropy_target:
-                        self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
-                    else:
-                        self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
-                    self._last_world_entropy = world_entropy
-                    self._entropy_window_stats = None
-        else:
-            coef = self.entropy_coef
-        if mode == "train" and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * entropy_loss
-
     def _log_loss_metrics(self, mode, result, step: _LossStep, accumulation, training):
         """GRPOTrainer's loss metrics over the rollouts that train (all of them without demonstrations), and HPT's."""
+        self._log_grpo_loss_metrics(mode, step)
         reduce = self.accelerator.reduce
-        rl_rows = step.rl_rows
-        rl_mask = step.mask * rl_rows.unsqueeze(1)
-
-        def global_mean(values, token_mask, row_mask):
-            # (B, 1) values are per sequence: GRPOTrainer averages them over rows, not tokens.
-            weight = row_mask.unsqueeze(1) if values.size(1) == 1 else token_mask
-            weight = weight.to(values.dtype)
-            totals = reduce(torch.stack([(values * weight).sum(), weight.sum()]).detach(), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
         metrics = self._metrics[mode]
-        if step.per_token_kl is not None:
-            metrics["kl"].append(global_mean(step.per_token_kl, rl_mask, rl_rows))
-        metrics["entropy"].append(global_mean(step.entropies, step.active, step.active.sum(-1) > 0))
-        ratio, advantages = step.ratio, step.advantages
-        if self.loss_type in _CLIP_LOSS_TYPES:
-            if self.args.delta is not None:
-                ratio = torch.clamp(ratio, max=self.args.delta)  # GRPOTrainer counts clipping on the capped ratio
-            low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-            high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-            fractions = {"low": low.float(), "high": high.float(), "region": (low | high).float()}
-            for name, values in fractions.items():
-                metrics[f"clip_ratio/{name}_mean"].append(global_mean(values, rl_mask, rl_rows))
-            # Per-sequence extremes, as GRPOTrainer logs them; ranks whose rollouts were all skipped send NaN.
-            per_seq_mask = rl_mask.to(ratio.dtype)
-            rows = per_seq_mask.sum(-1) > 0 if ratio.size(1) > 1 else rl_rows
-            for name, reducer, extreme in (("low", nanmin, "min"), ("high", nanmax, "max")):
-                values = fractions[name]
-                if values.size(1) == 1:
-                    per_seq = values.squeeze(1)
-                else:
-                    per_seq = (values * per_seq_mask).sum(-1) / per_seq_mask.sum(-1).clamp(min=1.0)
-                local = getattr(per_seq[rows], extreme)() if bool(rows.any()) else per_seq.new_tensor(float("nan"))
-                metrics[f"clip_ratio/{name}_{extreme}"].append(reducer(gather(local.reshape(1))).item())
-        elif self.loss_type == "cispo":
-            clipped = ((ratio > self.epsilon_high) & (advantages > 0)).float()
-            metrics["cispo_clip_ratio"].append(global_mean(clipped, rl_mask, rl_rows))
-        elif self.loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"].append(global_mean(step.phi, rl_mask, rl_rows))
-
         if not training:
             return
         # Loss terms as they read per optimizer step (without gradient-accumulation scaling), averaged over ranks.
@@ -678,7 +561,7 @@ class HPTTrainer(GRPOTrainer):
             metrics["hpt/sft_loss"].append(totals[1].item())
         else:
             offline_mask = step.mask * step.offline.unsqueeze(1)
-            metrics["hpt/sft_loss"].append(global_mean(-step.per_token_logps, offline_mask, step.offline))
+            metrics["hpt/sft_loss"].append(self._global_mean(-step.per_token_logps, offline_mask, step.offline))
 
 
 class _LossStep(NamedTuple):
