@@ -161,7 +161,7 @@ def test_none_old_logps_is_on_policy():
         ({"reference": "one", "stabilization": "none", "shaping_gamma": 0.0}, "shaping_gamma must be > 0"),
         ({"reference": "bogus"}, "reference='bogus'"),
         ({"advantage": "median"}, "advantage='median'"),
-        ({"stabilization": "clip", "epsilon_low": 1.5}, "epsilon_low"),
+        ({"stabilization": "clip", "epsilon_low": -0.1}, "epsilon_low"),
         (
             {"reference": "one", "stabilization": "none", "advantage": "group_mixed", "aggregation": "token_mean"},
             "mixed",

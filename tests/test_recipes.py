@@ -80,9 +80,11 @@ def test_paper_recipe_has_the_papers_numbers():
     assert config.learning_rate == 5e-6 and config.max_steps == 500
     assert prompts_per_step(config, GPUS) == 128
     assert config.temperature == 1.0 and config.max_completion_length == 8192
-    # The reference clips gradients at 1.0 (actor.grad_clip); its "max_grad_norm=80" only skips steps whose norm
-    # exceeds 80, which TRL cannot express. See the comment in the recipe.
-    assert config.max_grad_norm == 1.0
+    # The reference clips gradients at 1.0 (actor.grad_clip); its "max_grad_norm=80" skips steps whose norm exceeds 80.
+    assert config.max_grad_norm == 1.0 and config.skip_grad_norm_above == 80.0
+    # The reference's loss arithmetic exactly (tests/test_reference_fidelity.py): no clip, no division by rows.
+    assert (config.offline_aggregation, config.rl_aggregation) == ("token_mean", "max_length_sum")
+    assert config.epsilon >= 1.0
     assert raw("hpt_qwen2.5_math_7b.yaml")["bf16"] is True
     assert config.use_vllm and config.vllm_mode == "colocate"
     assert config.logging_steps == 1 and config.save_steps == 50 and config.report_to == ["wandb"]

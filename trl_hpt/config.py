@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, get_preset
+from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, RL_AGGREGATIONS, get_preset
 
 
 FEEDBACK_STRATEGIES = ("switch", "soft", "linear", "rl", "sft")
@@ -45,6 +45,13 @@ class HPTConfig(GRPOConfig):
             batch, added to the RL term) or `"loss_type"` (together with the rollout tokens, by `loss_type`, so a
             demonstration token weighs what a rollout token with advantage 1 weighs). `None`: the preset's own
             (`token_mean` for `sft` and `chord_phi`, `loss_type` for `luffy` and `srft`).
+        rl_aggregation (`str`, *optional*):
+            How the policy (RL) term is reduced. `None`: as `loss_type` says (GRPOTrainer's). `"max_length_sum"`: the
+            per-token losses of the micro-batch summed and divided by `max_completion_length` only, with no division
+            by the number of rows, as the paper's reference code does (`loss_remove_token_mean`).
+        skip_grad_norm_above (`float`, *optional*):
+            Skip the optimizer step (no parameter or optimizer-state update) when the gradient norm before clipping
+            exceeds this or is not finite, as the paper's reference code does at 80. `None`: never skip.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -109,6 +116,22 @@ class HPTConfig(GRPOConfig):
             "choices": list(AGGREGATIONS),
         },
     )
+    rl_aggregation: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the policy (RL) term is reduced. None: as loss_type says (GRPOTrainer's). 'max_length_sum': "
+            "the micro-batch's per-token losses summed and divided by max_completion_length only (no division by the "
+            "number of rows), as the paper's reference code does (loss_remove_token_mean).",
+            "choices": list(RL_AGGREGATIONS),
+        },
+    )
+    skip_grad_norm_above: float | None = field(
+        default=None,
+        metadata={
+            "help": "Skip the optimizer step (no parameter or optimizer-state update) when the gradient norm before "
+            "clipping exceeds this or is not finite, as the paper's reference code does at 80. None: never skip."
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -148,6 +171,16 @@ class HPTConfig(GRPOConfig):
                     f"HPTConfig.offline_aggregation={self.offline_aggregation!r} does not apply to "
                     f"offline_loss={self.offline_loss!r}: {error} Leave offline_aggregation=None."
                 ) from None
+        if self.rl_aggregation is not None and self.rl_aggregation not in RL_AGGREGATIONS:
+            raise ValueError(
+                f"HPTConfig.rl_aggregation={self.rl_aggregation!r} is not one of {RL_AGGREGATIONS} or None (None "
+                "reduces the RL term as loss_type says)."
+            )
+        if self.skip_grad_norm_above is not None and not self.skip_grad_norm_above > 0:
+            raise ValueError(
+                f"HPTConfig.skip_grad_norm_above must be a positive gradient norm or None, got "
+                f"{self.skip_grad_norm_above}."
+            )
         if not 0.0 <= self.switch_gate < 1.0:
             raise ValueError(
                 f"HPTConfig.switch_gate must be in [0, 1) (a prompt accuracy), got {self.switch_gate}. "

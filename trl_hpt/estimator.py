@@ -30,6 +30,9 @@ ADVANTAGES = ("one", "reward", "group", "group_mean", "batch", "sign", "group_mi
 TOKEN_WEIGHTS = ("none", "p_one_minus_p")
 AGGREGATIONS = ("loss_type", "token_mean")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# Policy-term aggregations beyond TRL's loss types: "max_length_sum" is the paper's reference code
+# (`loss_remove_token_mean`): the micro-batch's per-token losses summed and divided by the maximum length only.
+RL_AGGREGATIONS = ("max_length_sum",)
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,10 @@ class EstimatorSpec:
                     f"EstimatorSpec {self.name!r}: likelihood shaping applies to offline rows (reference='current' "
                     f"or 'one'), not reference={self.reference!r}."
                 )
-        if self.stabilization == "clip" and not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+        # epsilon_low >= 1 is allowed: the lower bound 1 - epsilon_low <= 0 never binds a positive ratio (no clip).
+        if self.stabilization == "clip" and not (self.epsilon_low >= 0 and self.epsilon_high >= 0):
             raise ValueError(
-                f"EstimatorSpec {self.name!r}: need 0 <= epsilon_low < 1 and epsilon_high >= 0, got "
+                f"EstimatorSpec {self.name!r}: need epsilon_low >= 0 and epsilon_high >= 0, got "
                 f"{self.epsilon_low}, {self.epsilon_high}."
             )
         if self.stabilization == "cispo" and not self.epsilon_high > 0:
@@ -455,8 +459,10 @@ def loss_type_denominator(
     `grpo`/`sapo` divide the sum of per-sequence token means by `num_rows`; `luspo` the sum of per-sequence token
     sums by `num_rows`; `bnpo` the token sum by the micro-batch's `num_tokens`; `dr_grpo` by `num_rows *
     max_completion_length`; `dapo`/`cispo`/`vespo` by the generation batch's global token count
-    `num_items_in_batch` (at least 1), spread over processes and accumulation steps. All but the last three are also
-    divided by the gradient-accumulation steps in training, as `GRPOTrainer` does (Trainer's own scaling is off).
+    `num_items_in_batch` (at least 1), spread over processes and accumulation steps; `max_length_sum` (the paper's
+    reference code, not a TRL loss type) by `max_completion_length` alone, whatever the number of rows. All but
+    `dapo`/`cispo`/`vespo` are also divided by the gradient-accumulation steps in training, as `GRPOTrainer` does
+    (Trainer's own scaling is off).
 
     `num_rows` and `num_tokens` may be fractional (a global count spread over processes and micro-batches): only a
     zero count is replaced, by 1, so a count clamped before it was spread is not clamped again.
@@ -467,10 +473,10 @@ def loss_type_denominator(
         return num_rows * accumulation
     if loss_type == "bnpo":
         return (num_tokens if num_tokens > 0 else 1.0) * accumulation
-    if loss_type == "dr_grpo":
+    if loss_type in ("dr_grpo", "max_length_sum"):
         if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length.")
-        return num_rows * max_completion_length * accumulation
+            raise ValueError(f"loss_type={loss_type!r} needs max_completion_length.")
+        return (num_rows if loss_type == "dr_grpo" else 1.0) * max_completion_length * accumulation
     if loss_type in ("dapo", "cispo", "vespo"):
         if num_items_in_batch is None:
             raise ValueError(f"loss_type={loss_type!r} needs num_items_in_batch (the generation batch's tokens).")
@@ -478,7 +484,7 @@ def loss_type_denominator(
         if training:
             denominator = denominator * gradient_accumulation_steps / steps_per_generation
         return denominator
-    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES + RL_AGGREGATIONS}.")
 
 
 def aggregate_loss(

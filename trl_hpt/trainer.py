@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from typing import Any, NamedTuple
 
@@ -140,6 +141,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             offline = offline.replace(aggregation=args.offline_aggregation)
         self.offline_spec = offline
         self._uses_demonstrations = feedback_fn is not None or args.feedback != "rl"
+        # The policy term's reduction: TRL's loss_type, unless HPTConfig.rl_aggregation replaces it.
+        self.policy_aggregation = args.rl_aggregation or args.loss_type
         self._hpt_gathered_rewards: torch.Tensor | None = None
         self._scoring_demonstrations = False
         # Both off only to check that they change nothing: skipping zero-weight rows in the loss pass, and handing
@@ -174,6 +177,11 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
                 f"as correct when the weighted total reward is >= success_threshold={args.success_threshold}, so "
                 "auxiliary rewards (format, length) can make a wrong answer count as correct. Set "
                 "verifier_reward_index to the index of the correctness reward."
+            )
+        if args.skip_grad_norm_above is not None and self.is_deepspeed_enabled:
+            raise ValueError(
+                "HPTConfig.skip_grad_norm_above is not supported with DeepSpeed, whose engine owns the gradients and "
+                "the optimizer step; use FSDP or DDP, or leave it None."
             )
         if self.offline_spec.advantage == "group_mixed" and self.environment_factories is not None:
             raise ValueError(
@@ -285,7 +293,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         global_weights = gather(weights)
         metrics["hpt/skipped_rows"].append((global_weights == 0).float().mean().item())
         metrics["hpt/num_prompts"].append(float(accuracy.numel()))
-        if self._delegate_plain_batches and not self._uses_demonstrations:
+        if self._delegate_plain_batches and not self._uses_demonstrations and self.args.rl_aggregation is None:
             return output  # feedback="rl": GRPOTrainer's batch, trained by GRPOTrainer's loss
 
         # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
@@ -471,7 +479,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             weights=weights,
             advantages=advantages,
             old_per_token_logps=old_per_token_logps,
-            loss_type=self.loss_type,
+            loss_type=self.policy_aggregation,
             policy_denominator=policy_denominator,
             token_mean_denominator=token_mean_denominator,
             offline_coef=self.args.sft_loss_coef,
@@ -514,7 +522,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         policy_mask = mask if separate is None else mask[~separate]
         num_rows = max(float(inputs[_POLICY_ROWS]), 1.0) / num_processes / (steps if training else 1)
         policy = loss_type_denominator(
-            self.loss_type,
+            self.policy_aggregation,
             num_rows=num_rows,
             num_tokens=float(policy_mask.sum()),
             max_completion_length=self.max_completion_length,
@@ -528,6 +536,19 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         if training:
             token_mean *= accumulation / steps
         return policy, token_mean
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        threshold = self.args.skip_grad_norm_above
+        if threshold is not None and self.model.training:
+            norm = float(grad_norm)
+            skip = not math.isfinite(norm) or norm > threshold
+            if skip:
+                # The optimizer passes over parameters without a gradient: no update, no optimizer-state change.
+                for param in model.parameters():
+                    param.grad = None
+            self._metrics["train"]["hpt/skipped_step"].append(float(skip))
+        return grad_norm
 
     def _rows_to_keep(self, inputs) -> torch.Tensor | None:
         """The rows the loss pass runs through the model: those of nonzero weight, or all (None)."""
