@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: environment, provenance, statistics and Markdown tables.
 
-Only the standard library is imported at module level, so the pure helpers (`pass_at_k`, `markdown_table`,
-`summarize`) are cheap to import and to test.
+Only the standard library (and modules of the package that import nothing else) is imported at module level, so the
+pure helpers (`markdown_table`, `summarize`) are cheap to import and to test. `pass_at_k` is the evaluation's
+(`trl_hpt.evaluation.pass_at_k`) and `generation_inputs` the testing module's (`trl_hpt.testing`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,23 @@ import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+from trl_hpt.evaluation import pass_at_k
+from trl_hpt.testing import generation_inputs
+
+
+__all__ = [
+    "cpu_model",
+    "generation_inputs",
+    "git_commit",
+    "machine_info",
+    "machine_line",
+    "markdown_table",
+    "pass_at_k",
+    "setup_environment",
+    "summarize",
+    "write_json",
+]
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,22 +124,6 @@ def machine_line(info: dict) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """
-    Unbiased pass@k from `n` samples of which `c` are correct: `1 - C(n - c, k) / C(n, k)` (Chen et al., 2021).
-
-    Computed as a running product, which stays exact where the binomials would overflow.
-    """
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
-    if n - c < k:
-        return 1.0
-    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 def summarize(values: Sequence[float]) -> dict:
     """Median, mean, sample std, min and max of a list of measurements."""
     values = [float(v) for v in values]
@@ -163,14 +165,3 @@ def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -
     path.parent.mkdir(parents=True, exist_ok=True)
     separators = (",", ":") if indent is None else None
     path.write_text(json.dumps(payload, indent=indent, separators=separators) + "\n")
-
-
-def generation_inputs(trainer, num_prompts: int, num_generations: int) -> list[dict]:
-    """
-    Readies a trainer built outside `train()` for direct calls of its generation and loss passes, and returns one
-    generation batch's inputs: its first `num_prompts` training rows, each repeated `num_generations` times.
-    """
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss reads it
-    rows = [dict(trainer.train_dataset[i]) for i in range(num_prompts)]
-    return [dict(r) for r in rows for _ in range(num_generations)]

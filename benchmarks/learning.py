@@ -19,8 +19,9 @@ the completion tokens each method actually generated):
 - `grpo`: `HPTTrainer(feedback="rl")`; `grpo_trl`: TRL's `GRPOTrainer` (these two are the same run numerically);
 - `sft_grpo`: half the steps `feedback="sft"`, then half `feedback="rl"` (a fresh optimizer, as in an SFT -> RL pipeline);
 - `luffy`: `feedback="soft", offline_loss="luffy"`; `srft`: `feedback="soft", offline_loss="srft"`;
-- `hpt`: `feedback="switch", switch_gate=0`; `hpt_lt`: the same with `offline_aggregation="loss_type"` (demonstration
-  tokens reduced with the rollout tokens, the balance of the paper's reference code and of our paper recipes).
+- `hpt`: `feedback="switch", switch_gate=0, offline_aggregation="token_mean"` (a separate token mean over the
+  demonstrations, the default before 0.1); `hpt_lt`: the same with `offline_aggregation="loss_type"` (demonstration
+  tokens reduced with the rollout tokens, HPTConfig's default with any feedback but `sft`).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
 `scale_rewards="none"`, no KL, one update per generation batch, `sft_loss_coef=1.0`), AdamW with one constant learning
@@ -75,8 +76,8 @@ METHODS = {
     "sft_grpo": "SFT -> GRPO (half each)",
     "luffy": "LUFFY (`soft`, `luffy`)",
     "srft": "SRFT (`soft`, `srft`)",
-    "hpt": "HPT (`switch`, gate 0)",
-    "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`)',
+    "hpt": 'HPT (`switch`, gate 0, `offline_aggregation="token_mean"`)',
+    "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`, the default)',
 }
 
 # The HPTConfig fields of each method trained by HPTTrainer (the others: TRL's trainers, or a sequence of these).
@@ -85,7 +86,7 @@ HPT_FIELDS = {
     "grpo": {"feedback": "rl"},
     "luffy": {"feedback": "soft", "offline_loss": "luffy"},
     "srft": {"feedback": "soft", "offline_loss": "srft"},
-    "hpt": {"feedback": "switch", "switch_gate": 0.0},
+    "hpt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "token_mean"},
     "hpt_lt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "loss_type"},
 }
 
@@ -506,15 +507,13 @@ def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> 
     """
     import torch
 
+    from trl_hpt.testing import per_token_logps
+
     offline = batch["hpt_offline"]
     if not bool(offline.any()):
         return None  # the model solved every prompt of the batch: no demonstration placed
     with torch.no_grad():
-        ids = torch.cat([batch["prompt_ids"][offline], batch["completion_ids"][offline]], dim=1)
-        attention = torch.cat([batch["prompt_mask"][offline], batch["completion_mask"][offline]], dim=1)
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, attention, batch["completion_ids"].size(1)
-        )
+        logps = per_token_logps(trainer, batch, rows=offline)
     mask = batch["completion_mask"][offline].bool()
     p = logps.exp()[mask]
     gamma = trainer.args.offline_shaping_gamma
@@ -534,7 +533,7 @@ def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> 
 def run(settings: LearningSettings, methods: list[str]) -> dict:
     from datasets import Dataset
 
-    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
+    from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
     split = task_split(settings.max_operand, settings.held_out)

@@ -122,10 +122,23 @@ def digit_share_reward(completions, **kwargs) -> list[float]:
 def step_dataset():
     from datasets import Dataset
 
-    from trl_hpt.demo import addition_rows
+    from trl_hpt.testing import addition_rows
 
     rows = addition_rows([(a, b) for a in range(10, 40) for b in range(10)])
     return Dataset.from_list([{"prompt": r["prompt"], "solution": r["solution"]} for r in rows])
+
+
+def quiet_values(output_dir: str, device: str) -> dict:
+    """The settings of every trainer here: nothing saved or tracked, no progress bar, seed 0, float32 on `device`."""
+    return dict(
+        output_dir=output_dir,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
 
 
 def step_config(kind: str, settings: SpeedSettings, output_dir: str, device: str):
@@ -135,7 +148,7 @@ def step_config(kind: str, settings: SpeedSettings, output_dir: str, device: str
     from trl_hpt import HPTConfig
 
     values = dict(
-        output_dir=output_dir,
+        quiet_values(output_dir, device),
         per_device_train_batch_size=settings.step_prompts * settings.num_generations,
         num_generations=settings.num_generations,
         max_completion_length=settings.step_completion,
@@ -143,12 +156,6 @@ def step_config(kind: str, settings: SpeedSettings, output_dir: str, device: str
         learning_rate=1e-4,
         temperature=1.0,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=device == "cpu",
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     return GRPOConfig(**values) if kind == "grpo" else HPTConfig(feedback="rl", **values)
@@ -221,7 +228,7 @@ def _peak_rss_mib() -> float:
 
 def one_step_run(kind, base_state, tokenizer, settings, device, output_dir):
     """Trains one fresh trainer; returns per-step times (first step dropped) and what it generated."""
-    from trl_hpt.demo import build_tiny_model
+    from trl_hpt.testing import build_tiny_model
 
     model = build_tiny_model(tokenizer, settings.step_hidden, settings.step_layers)
     model.load_state_dict(base_state)
@@ -256,7 +263,7 @@ def one_step_run(kind, base_state, tokenizer, settings, device, output_dir):
 
 def memory_worker(kind: str, settings: SpeedSettings) -> dict:
     """Body of a memory subprocess: one run, then its peak RSS and its RSS just before training."""
-    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
+    from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
     model = build_tiny_model(tokenizer, settings.step_hidden, settings.step_layers, seed=0)
@@ -334,7 +341,7 @@ def lockstep_pair(base_state, tokenizer, settings: SpeedSettings, device: str, o
 
     from transformers import TrainerCallback
 
-    from trl_hpt.demo import build_tiny_model
+    from trl_hpt.testing import build_tiny_model
 
     kinds = ("grpo", "hpt")
     other = {"grpo": "hpt", "hpt": "grpo"}
@@ -415,7 +422,7 @@ def lockstep_pair(base_state, tokenizer, settings: SpeedSettings, device: str, o
 
 
 def measure_step_time(settings: SpeedSettings, device: str) -> dict:
-    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
+    from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
     base = build_tiny_model(tokenizer, settings.step_hidden, settings.step_layers, seed=0)
@@ -511,7 +518,7 @@ def measure_components(settings: SpeedSettings, device: str) -> dict:
     import torch
     from trl import GRPOTrainer
 
-    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
+    from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
     model = build_tiny_model(tokenizer, settings.step_hidden, settings.step_layers, seed=0)
@@ -606,7 +613,7 @@ def measure_loss_pass(settings: SpeedSettings, device: str) -> dict:
     from trl import GRPOTrainer
 
     from trl_hpt import HPTConfig, HPTTrainer
-    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
+    from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     G, P, C = settings.num_generations, settings.loss_prompts, settings.loss_completion
     tokenizer = build_char_tokenizer(chat_template=False)
@@ -622,19 +629,13 @@ def measure_loss_pass(settings: SpeedSettings, device: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = HPTConfig(
-            output_dir=tmp,
+            **quiet_values(tmp, device),
             feedback="switch",
             switch_gate=0.0,
             per_device_train_batch_size=P * G,
             num_generations=G,
             max_completion_length=C,
             max_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=device == "cpu",
-            bf16=False,
-            seed=0,
-            disable_tqdm=True,
         )
         trainer = HPTTrainer(
             model=model,

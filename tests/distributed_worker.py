@@ -37,7 +37,7 @@ import torch  # noqa: E402
 # The checkout's package first, whichever way the script is started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trl_hpt.demo import addition_rows, build_char_tokenizer, build_tiny_model  # noqa: E402
+from trl_hpt.testing import addition_rows, build_char_tokenizer, build_tiny_model, tiny_model, train_args  # noqa: E402
 
 
 ROWS = addition_rows([(a, b) for a in range(1, 5) for b in range(1, 5)])
@@ -98,12 +98,13 @@ def build_trainer(case: dict, output_dir: str):
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from trl_hpt import HPTConfig, HPTTrainer
+    from trl_hpt import HPTTrainer
 
     mode = case["mode"]
     feedback = {"switch": "switch", "soft_luffy": "soft", "rl": "rl"}[mode]
-    config = HPTConfig(
-        output_dir=output_dir,
+    # train_args: SGD without clipping, constant learning rate, CPU, seed 0, no saving, logging every step.
+    config = train_args(
+        output_dir,
         feedback=feedback,
         offline_loss="luffy" if mode == "soft_luffy" else "sft",
         offline_aggregation=case.get("offline_aggregation"),
@@ -113,24 +114,13 @@ def build_trainer(case: dict, output_dir: str):
         max_completion_length=8,
         max_steps=case["steps"],
         learning_rate=0.1,
-        optim="sgd",
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
         beta=0.0,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         log_level="error",
         # A rank left out of a collective fails the run in minutes instead of gloo's default 30.
         ddp_timeout=120,
     )
     tokenizer = build_char_tokenizer(chat_template=False)
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, seed=0)
+    model = tiny_model(tokenizer)
     reward_funcs, reward_processing_classes, forwards = reward, None, []
     if case.get("reward_model"):
         from transformers import AutoModelForSequenceClassification

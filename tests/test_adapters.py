@@ -13,6 +13,7 @@ from trl_hpt.adapters import (
     detect_adapter,
     load_hpt_dataset,
 )
+from trl_hpt.rewards import extract_boxed
 
 
 SYSTEM = "A conversation between User and Assistant. The assistant first thinks, then answers."
@@ -341,14 +342,17 @@ def test_problem_solution_missing_answer():
         ("so $\\boxed{\\frac{a}{b}}$ and done", "\\frac{a}{b}"),
         ("first \\boxed{1} then \\fbox{2}", "2"),
         ("the answer is $\\boxed 7$.", "7"),
+        ("\\boxed {5}", "5"),
+        ("\\boxed{ 7 }", "7"),
         ("unbalanced \\boxed{1", None),
         ("no answer here", None),
     ],
 )
 def test_last_boxed(text, expected):
-    from trl_hpt.adapters import _last_boxed
-
-    assert _last_boxed(text) == expected
+    # One extractor: the gold answer an adapter takes from a worked solution is the answer the reward reads.
+    assert extract_boxed(text) == expected
+    adapted = ADAPTERS["problem_solution"]({"problem": "p", "solution": text}, 0, missing_answer="none")
+    assert adapted["solution"] == expected
 
 
 def test_problem_solution_bad_problem_names_column():
@@ -435,6 +439,15 @@ def test_directory_splits(tmp_path):
     assert load_hpt_dataset(tmp_path / "shards")["solution"] == ["2", "\\frac{1}{2}", "9"]
     with pytest.raises(ValueError, match="all files are the 'train' split"):
         load_hpt_dataset(tmp_path / "shards", split="test")
+
+
+def test_directory_in_the_hub_layout(tmp_path):
+    # Sharded files under data/, as the Hub writes them: `datasets` reads the split names from the file names.
+    (tmp_path / "data").mkdir()
+    _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", VERL_ROWS[:2])
+    _write_parquet(tmp_path / "data" / "dev-00000-of-00001.parquet", VERL_ROWS[2:])
+    assert load_hpt_dataset(tmp_path)["solution"] == ["72", "8"]
+    assert load_hpt_dataset(tmp_path, split="dev")["solution"] == ["3"]
 
 
 def test_saved_to_disk_and_missing_file(tmp_path):

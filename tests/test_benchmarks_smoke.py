@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import markdown_table, pass_at_k, summarize  # noqa: E402
+from benchmarks.common import markdown_table, summarize  # noqa: E402
+from trl_hpt.evaluation import pass_at_k  # noqa: E402
 
 
 def _pass_at_k_by_enumeration(n, c, k):

@@ -8,11 +8,8 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from datasets import Dataset
 from transformers import TrainerCallback, TrainerState
 
-from tests.conftest import tiny_model, train_args
-from trl_hpt import HPTTrainer
 from trl_hpt.callbacks import (
     GATE_HISTORY_FILE,
     REPORT_JSON_FILE,
@@ -22,7 +19,7 @@ from trl_hpt.callbacks import (
     read_gate_history,
     summarize_gate_history,
 )
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import addition_rows, build_char_tokenizer, make_trainer, slot_reward
 
 
 G = 4
@@ -43,12 +40,9 @@ PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7), (6, 1), (8, 0), (4, 4), (9, 3)]
 # Correct rollouts per prompt: 0 sends the prompt to SFT (switch gate 0), 1 or 2 to RL. Steps draw different
 # prompts, so the SFT fraction changes from step to step.
 CORRECT = {row["prompt"]: i % 3 for i, row in enumerate(addition_rows(PAIRS))}
+# The first CORRECT[prompt] rollouts of each group are correct: the prompt's accuracy is exactly k / G.
+K_OF_G_REWARD = slot_reward(addition_rows(PAIRS), list(CORRECT.values()), G, wrong=0.0)
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-
-
-def k_of_g_reward(prompts, completions, **kwargs):
-    """The first CORRECT[prompt] rollouts of each group are correct: the prompt's accuracy is exactly k / G."""
-    return [1.0 if i % G < CORRECT[p] else 0.0 for i, p in enumerate(prompts)]
 
 
 class Recorder(TrainerCallback):
@@ -61,27 +55,20 @@ class Recorder(TrainerCallback):
         self.logs.append({"step": state.global_step, **(logs or {})})
 
 
-def make_trainer(output_dir, char_tokenizer, callbacks=(), **overrides):
-    values = {"per_device_train_batch_size": PROMPTS_PER_STEP * G, "num_generations": G, "max_steps": STEPS}
-    args = train_args(output_dir, **{**values, **overrides})
-    return HPTTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=k_of_g_reward,
-        args=args,
-        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
-        processing_class=char_tokenizer,
-        callbacks=list(callbacks),
+def _trainer(output_dir, char_tokenizer, callbacks=(), **overrides):
+    values = {"per_device_train_batch_size": PROMPTS_PER_STEP * G, "max_steps": STEPS}
+    rows = addition_rows(PAIRS)
+    return make_trainer(
+        output_dir, char_tokenizer, rows, K_OF_G_REWARD, callbacks=list(callbacks), **{**values, **overrides}
     )
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One 4-step HPT run, shared by the tests below: a user callback, the report, checkpoints at steps 2 and 4."""
-    from trl_hpt.demo import build_char_tokenizer
-
     root = tmp_path_factory.mktemp("callbacks")
     recorder = Recorder()
-    trainer = make_trainer(
+    trainer = _trainer(
         root / "out",
         build_char_tokenizer(),
         callbacks=[recorder],
@@ -179,7 +166,7 @@ def test_report_is_resume_safe(run, tmp_path, char_tokenizer):
     shutil.copytree(run.report_dir, report_dir)
     output_dir = tmp_path / "out"
     shutil.copytree(run.output_dir / "checkpoint-2", output_dir / "checkpoint-2")
-    trainer = make_trainer(output_dir, char_tokenizer, save_strategy="no")
+    trainer = _trainer(output_dir, char_tokenizer, save_strategy="no")
     trainer.add_callback(HPTReportCallback(trainer, output_dir=report_dir))
     trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-2"))
 
@@ -195,7 +182,7 @@ def test_a_second_report_callback_for_the_same_directory_writes_nothing(tmp_path
     # The old docs said to add the callback by hand, but HPTTrainer (hpt_report=True) already has one: following
     # them must not write every record twice. The same directory spelt differently is still the same directory.
     steps = 2
-    trainer = make_trainer(tmp_path / "out", char_tokenizer, max_steps=steps)
+    trainer = _trainer(tmp_path / "out", char_tokenizer, max_steps=steps)
     trainer.add_callback(HPTReportCallback(trainer))
     trainer.add_callback(HPTReportCallback(trainer, output_dir=tmp_path / "x" / ".." / "out"))
     reports = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, HPTReportCallback)]

@@ -9,41 +9,17 @@ import pytest
 from huggingface_hub import ModelCard
 
 from trl_hpt import cli
+from trl_hpt.testing import save_char_model, save_tiny_model, write_luffy_jsonl
 
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_RECIPE = ROOT / "examples" / "recipes" / "hpt_qwen2.5_math_7b.yaml"
 
 
-def write_tiny_checkpoint(path: Path) -> str:
-    """A tiny chat model and tokenizer saved like a Hub checkpoint, so `train` loads it by path."""
-    from trl_hpt.demo import build_char_tokenizer, build_tiny_model
-
-    tokenizer = build_char_tokenizer()
-    build_tiny_model(tokenizer, hidden_size=32, num_layers=2).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
-
-
-def write_luffy_jsonl(path: Path, num_rows: int = 16) -> str:
-    """Rows in the LUFFY / OpenR1-Math-46k schema: the recipes' `luffy` adapter reads them as it reads the Hub set."""
-    with path.open("w") as file:
-        for i in range(num_rows):
-            a, b = i % 10, i // 10 + 1
-            row = {
-                "data_source": "toy",
-                "prompt": [{"role": "user", "content": f"{a}+{b}="}],
-                "target": [{"role": "assistant", "content": f"\\boxed{{{a + b}}}"}],
-                "reward_model": {"ground_truth": str(a + b), "style": "rule"},
-            }
-            file.write(json.dumps(row) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def local_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return write_tiny_checkpoint(root / "model"), write_luffy_jsonl(root / "train.jsonl")
+    return save_char_model(root / "model"), write_luffy_jsonl(root / "train.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,8 +72,6 @@ def test_module_form_help_does_not_import_torch():
     ],
 )
 def test_subcommand_help(capsys, command, flags):
-    if command == "eval":
-        pytest.importorskip("trl_hpt.evaluation")
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
@@ -117,7 +91,8 @@ def test_demo_and_eval_dispatch_their_parsed_arguments(monkeypatch, tmp_path):
     assert isinstance(seen["demo"], trl_hpt.demo.DemoArguments)
     assert (seen["demo"].hpt_steps, seen["demo"].feedback) == (3, "soft")
 
-    evaluation = pytest.importorskip("trl_hpt.evaluation")
+    from trl_hpt import evaluation
+
     monkeypatch.setattr(evaluation, "run_eval", lambda args: seen.setdefault("eval", args) and {})
     recipe = tmp_path / "eval.yaml"
     recipe.write_text("model_name_or_path: some/model\nlimit: 2\n")
@@ -126,11 +101,18 @@ def test_demo_and_eval_dispatch_their_parsed_arguments(monkeypatch, tmp_path):
     assert (seen["eval"].model_name_or_path, seen["eval"].limit) == ("some/model", 5)
 
 
-def test_eval_without_evaluation_module_fails_clearly(monkeypatch):
-    # A None entry in sys.modules makes the import fail exactly like a missing module.
-    monkeypatch.setitem(sys.modules, "trl_hpt.evaluation", None)
-    with pytest.raises(SystemExit, match="no trl_hpt.evaluation module"):
-        cli.main(["eval", "--help"])
+def test_demo_help_documents_every_flag(capsys):
+    from dataclasses import fields
+
+    from trl_hpt.demo import DemoArguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for field in fields(DemoArguments):
+        help_text = field.metadata.get("help")
+        assert help_text and "".join(help_text.split()) in out, field.name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,13 +142,10 @@ def test_unknown_recipe_key_is_refused(tmp_path):
 
 def test_reward_lookup():
     from trl_hpt.demo import exact_match_reward
+    from trl_hpt.rewards import REWARD_FUNCS
 
     registry = cli.get_reward_registry()
     assert registry["exact_match"] is exact_match_reward
-    try:
-        from trl_hpt.rewards import REWARD_FUNCS
-    except ImportError:
-        REWARD_FUNCS = {}
     for name, func in REWARD_FUNCS.items():
         assert cli.resolve_reward_funcs([name]) == [func]
     assert cli.resolve_reward_funcs("Exact-Match") == [exact_match_reward]
@@ -192,6 +171,10 @@ class _FakeTrainer:
         self.hub_model_id = "someone/run"
         self.callback_handler = type("Handler", (), {"callbacks": []})()
         self.accelerator = type("Accelerator", (), {"print": staticmethod(lambda *a, **k: None)})()
+        if args.hpt_report:  # as HPTTrainer.__init__ registers its report
+            from trl_hpt.callbacks import HPTReportCallback
+
+            self.add_callback(HPTReportCallback(self))
         _FakeTrainer.instances.append(self)
 
     def add_callback(self, callback):
@@ -257,10 +240,6 @@ def test_train_runs_a_recipe_on_local_files(local_files, tmp_path):
 
 def test_eval_command_end_to_end_on_a_local_model(tmp_path, capsys):
     """`trl-hpt eval --limit 2` on a tiny local checkpoint: real loading, generation, scoring and the JSON file."""
-    import json
-
-    from helpers_tiny import save_tiny_model
-
     model_dir = save_tiny_model(tmp_path / "tiny")
     output = tmp_path / "results.json"
     argv = ["eval", "--model_name_or_path", str(model_dir), "--benchmarks", "AIME24", "AMC23", "--limit", "2"]

@@ -38,9 +38,16 @@ RELATIVE_TOLERANCE = 1e-4
 # Per-device batch 6 with num_generations 4: the middle group of each generation batch spans both ranks.
 SPANNING = {"per_device_batch": 6, "num_generations": G, "steps": 3, "solved": "mixed"}
 CASES = [
+    # The default balance (demonstration tokens reduced with the rollouts) and, explicitly, a separate SFT token mean.
     {"name": "switch-dapo", "mode": "switch", "loss_type": "dapo", **SPANNING},
-    {"name": "switch-grpo", "mode": "switch", "loss_type": "grpo", **SPANNING},
-    {"name": "switch-dr_grpo", "mode": "switch", "loss_type": "dr_grpo", **SPANNING},
+    {"name": "switch-grpo", "mode": "switch", "loss_type": "grpo", "offline_aggregation": "token_mean", **SPANNING},
+    {
+        "name": "switch-dr_grpo",
+        "mode": "switch",
+        "loss_type": "dr_grpo",
+        "offline_aggregation": "token_mean",
+        **SPANNING,
+    },
     {"name": "soft_luffy-dapo", "mode": "soft_luffy", "loss_type": "dapo", **SPANNING},
     # LUFFY with a reward model: demonstrations are scored on every rank alike, placed there or not.
     {"name": "soft_luffy-reward_model", "mode": "soft_luffy", "loss_type": "grpo", "reward_model": True, **SPANNING},
@@ -202,11 +209,11 @@ def test_each_demonstration_is_placed_once_by_the_owner_of_the_last_slot(runs, n
             assert ranks[0]["steps"][step][key] == ranks[1]["steps"][step][key] == reference[key], (step, key)
         tokens = torch.tensor(reference["tokens"], dtype=torch.float)
         offline = torch.tensor(reference["offline"])
-        if CASE[name]["mode"] == "switch" and "offline_aggregation" not in CASE[name]:
+        if CASE[name].get("offline_aggregation") == "token_mean":
             # sft: demonstration tokens form their own term
             assert reference["num_items_in_batch"] == tokens[~offline].sum().item()
             assert reference["token_mean_tokens"] == tokens[offline].sum().item()
-        else:  # luffy, offline_aggregation="loss_type": demonstration tokens aggregate with the rollouts
+        else:  # the default, luffy, "loss_type": demonstration tokens aggregate with the rollouts
             assert reference["num_items_in_batch"] == tokens.sum().item()
 
 

@@ -2,32 +2,25 @@
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from tests.conftest import tiny_model, train_args
 from trl_hpt.estimator import aggregate_loss, group_advantages, online_spec_from_grpo_config, per_token_policy_loss
+from trl_hpt.testing import build_char_tokenizer, generation_batch, make_trainer
 
 
 B, P, T, G = 8, 3, 6, 4
 
 
 @pytest.fixture(scope="module")
-def grpo_trainer(
-    tmp_path_factory,
-):
-    from trl_hpt.demo import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    args = train_args(
-        tmp_path_factory.mktemp("grpo"), cls=GRPOConfig, num_generations=G, per_device_train_batch_size=B
-    )
-    trainer = GRPOTrainer(
-        model=tiny_model(tokenizer),
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 4),
-        processing_class=tokenizer,
+def grpo_trainer(tmp_path_factory):
+    trainer = make_trainer(
+        tmp_path_factory.mktemp("grpo"),
+        build_char_tokenizer(),
+        [{"prompt": "1+1="}] * 4,
+        lambda completions, **kw: [0.0] * len(completions),
+        trainer_cls=GRPOTrainer,
+        num_generations=G,
+        per_device_train_batch_size=B,
     )
     trainer.model.train()
     return trainer
@@ -117,16 +110,8 @@ def test_group_advantages_equal_trl(tmp_path, char_tokenizer, scale):
     def reward(prompts, completions, **kwargs):
         return values[: len(completions)]
 
-    trainer = GRPOTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=reward,
-        args=train_args(
-            tmp_path, cls=GRPOConfig, num_generations=G, per_device_train_batch_size=16, scale_rewards=scale
-        ),
-        train_dataset=Dataset.from_list([{"prompt": f"{i}+1="} for i in range(4)]),
-        processing_class=char_tokenizer,
-    )
-    trainer.model.train()
-    out = trainer._generate_and_score_completions([{"prompt": f"{i}+1="} for i in range(4) for _ in range(G)])
+    rows = [{"prompt": f"{i}+1="} for i in range(4)]
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, reward, trainer_cls=GRPOTrainer, scale_rewards=scale)
+    out = generation_batch(trainer, G)
     rewards = torch.tensor([float("nan") if v is None else v for v in values])
     torch.testing.assert_close(group_advantages(rewards, G, scale), out["advantages"], atol=1e-6, rtol=1e-6)

@@ -5,7 +5,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from helpers_tiny import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_model
 from transformers import HfArgumentParser
 
 from trl_hpt import evaluation
@@ -23,6 +22,7 @@ from trl_hpt.evaluation import (
     write_results,
 )
 from trl_hpt.rewards import extract_boxed
+from trl_hpt.testing import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_model
 
 
 BENCHMARK_SIZES = {

@@ -9,18 +9,12 @@ aggregated like the rest of the policy term.
 
 import pytest
 import torch
-from datasets import Dataset
 
-from tests.conftest import assert_same, generation_batch, slot_reward, tiny_model, train_args
-from trl_hpt import HPTTrainer
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import assert_same, gated_trainer, generation_batch, loss_and_grads, per_token_logps, tiny_model
 
 
 G = 4
 BETA = 0.1
-PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
-# Correct rollouts per prompt, by position: the first two prompts are never solved (switch sends them to SFT).
-NUM_CORRECT = [0, 0, 2, 1]
 
 
 @pytest.fixture
@@ -31,26 +25,14 @@ def model_dir(tmp_path, char_tokenizer):
     return str(path)
 
 
-def make_trainer(tmp_path, tokenizer, model_dir, **overrides):
-    rows = addition_rows(PAIRS)
-    args = train_args(
-        tmp_path / "out", per_device_train_batch_size=len(rows) * G, num_generations=G, beta=BETA, **overrides
-    )
-    return HPTTrainer(
-        model=model_dir,
-        reward_funcs=slot_reward(rows, NUM_CORRECT, G),
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
+def _trainer(tmp_path, tokenizer, model_dir, **overrides):
+    # The first two prompts are never solved: switch sends them to SFT.
+    return gated_trainer(tmp_path / "out", tokenizer, model=model_dir, beta=BETA, **overrides)
 
 
-def loss_and_grads(trainer, batch, beta):
+def with_beta(trainer, batch, beta):
     trainer.beta = beta
-    trainer.model.zero_grad()
-    loss = trainer._compute_loss(trainer.model, dict(batch))
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+    return loss_and_grads(trainer, batch)
 
 
 def explicit_kl(trainer, batch, rows, loss_type, bias_correction):
@@ -60,18 +42,15 @@ def explicit_kl(trainer, batch, rows, loss_type, bias_correction):
     """
     trainer.model.zero_grad()
     mask = batch["completion_mask"].float()
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(
-        trainer.model,
-        torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-        torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-        batch["completion_ids"].size(1),
-    )
+    logps = per_token_logps(trainer, batch)
     log_ratio = batch["ref_per_token_logps"][rows] - logps[rows]
     per_token = BETA * (torch.exp(log_ratio) - log_ratio - 1) * mask[rows]
     if bias_correction:
         per_token = per_token * torch.exp(logps[rows] - logps[rows].detach())
     weights = batch["hpt_weight"][rows]
-    policy_rows = ~batch["hpt_offline"]  # the sft preset's demonstrations form their own term
+    # Demonstrations are rows of the policy term unless they form their own token mean.
+    separate = trainer.offline_spec.aggregation == "token_mean"
+    policy_rows = ~batch["hpt_offline"] if separate else torch.ones_like(batch["hpt_offline"])
     if loss_type == "dapo":
         loss = (weights * per_token.sum(-1)).sum() / batch["num_items_in_batch"]
     else:  # grpo: per-sequence token mean, over the policy rows of the batch
@@ -81,7 +60,7 @@ def explicit_kl(trainer, batch, rows, loss_type, bias_correction):
 
 
 def test_a_training_step_with_kl_runs_and_logs_it(tmp_path, char_tokenizer, model_dir):
-    trainer = make_trainer(tmp_path, char_tokenizer, model_dir, max_steps=2)
+    trainer = _trainer(tmp_path, char_tokenizer, model_dir, max_steps=2)
     assert trainer.ref_model is not None
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -97,7 +76,7 @@ def test_a_training_step_with_kl_runs_and_logs_it(tmp_path, char_tokenizer, mode
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bias_correction", "plain"])
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, loss_type, bias_correction):
-    trainer = make_trainer(
+    trainer = _trainer(
         tmp_path, char_tokenizer, model_dir, loss_type=loss_type, use_bias_correction_kl=bias_correction
     )
     # Move the policy off the reference: at pi_theta = pi_ref the KL term and its gradient are zero.
@@ -112,7 +91,7 @@ def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, 
 
     # Demonstration rows alone: the KL term changes neither loss nor gradient.
     demos = dict(batch, hpt_weight=torch.where(offline, weights, torch.zeros_like(weights)))
-    with_kl, without_kl = loss_and_grads(trainer, demos, BETA), loss_and_grads(trainer, demos, 0.0)
+    with_kl, without_kl = with_beta(trainer, demos, BETA), with_beta(trainer, demos, 0.0)
     assert without_kl[0] > 0
     assert_same(with_kl, without_kl, atol=0, rtol=0)
 
@@ -121,7 +100,7 @@ def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, 
     assert kl[0] > 0 and any(g.abs().max() > 0 for g in kl[1])
     online = dict(batch, hpt_weight=torch.where(offline, torch.zeros_like(weights), weights))
     for inputs in (online, batch):
-        with_kl, without_kl = loss_and_grads(trainer, inputs, BETA), loss_and_grads(trainer, inputs, 0.0)
+        with_kl, without_kl = with_beta(trainer, inputs, BETA), with_beta(trainer, inputs, 0.0)
         difference = (with_kl[0] - without_kl[0], [a - b for a, b in zip(with_kl[1], without_kl[1])])
         assert_same(difference, kl, atol=1e-6, rtol=1e-4)
 
@@ -139,22 +118,17 @@ def test_kl_term_gives_finite_gradients_on_improbable_demonstrations(tmp_path, c
         model.model.embed_tokens.weight.mul_(300)
     path = tmp_path / "confident"
     model.save_pretrained(str(path))
-    trainer = make_trainer(tmp_path, char_tokenizer, str(path), loss_type="dapo")
+    trainer = _trainer(tmp_path, char_tokenizer, str(path), loss_type="dapo")
     batch = generation_batch(trainer, G)
     offline = batch["hpt_offline"]
     assert offline.any()
 
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(
-        trainer.model,
-        torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-        torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-        batch["completion_ids"].size(1),
-    )
+    logps = per_token_logps(trainer, batch)
     assert logps[offline][batch["completion_mask"][offline].bool()].min() < -100
 
-    loss, grads = loss_and_grads(trainer, batch, BETA)
+    loss, grads = with_beta(trainer, batch, BETA)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads)
     # And the term still leaves the demonstrations' gradient as it is without KL.
     demos = dict(batch, hpt_weight=torch.where(offline, batch["hpt_weight"], torch.zeros_like(batch["hpt_weight"])))
-    assert_same(loss_and_grads(trainer, demos, BETA), loss_and_grads(trainer, demos, 0.0), atol=0, rtol=0)
+    assert_same(with_beta(trainer, demos, BETA), with_beta(trainer, demos, 0.0), atol=0, rtol=0)

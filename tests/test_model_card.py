@@ -3,23 +3,16 @@
 from types import SimpleNamespace
 from unittest import mock
 
-from datasets import Dataset
 from huggingface_hub import ModelCard
 
-from tests.conftest import dense_reward, tiny_model, train_args
-from tests.test_cli import write_tiny_checkpoint
 from trl_hpt import HPTTrainer
-from trl_hpt.demo import addition_rows
 from trl_hpt.model_card import complete_model_card, model_card_names
+from trl_hpt.testing import PAIRS, addition_rows, dense_reward, make_trainer, save_char_model
 
 
-def make_trainer(tmp_path, char_tokenizer, **overrides):
-    return HPTTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=dense_reward,
-        args=train_args(tmp_path, per_device_train_batch_size=8, num_generations=4, **overrides),
-        train_dataset=Dataset.from_list(addition_rows([(1, 2), (3, 4), (5, 5), (2, 7)])),
-        processing_class=char_tokenizer,
+def _trainer(tmp_path, char_tokenizer, **overrides):
+    return make_trainer(
+        tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward, per_device_train_batch_size=8, **overrides
     )
 
 
@@ -44,7 +37,7 @@ def test_trainer_identity():
 
 
 def test_model_tags_and_card_after_save(tmp_path, char_tokenizer):
-    trainer = make_trainer(tmp_path, char_tokenizer)
+    trainer = _trainer(tmp_path, char_tokenizer)
     # GRPOTrainer tags the model with the trainer's tags, so `model.push_to_hub` carries them too.
     assert {"trl", "hpt"} <= set(trainer.model.model_tags)
 
@@ -57,14 +50,14 @@ def test_model_tags_and_card_after_save(tmp_path, char_tokenizer):
 
 def test_checkpoints_carry_the_card(tmp_path, char_tokenizer):
     # GRPOTrainer writes the card into output_dir whenever it saves a checkpoint.
-    trainer = make_trainer(tmp_path, char_tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = _trainer(tmp_path, char_tokenizer, max_steps=1, save_strategy="steps", save_steps=1)
     trainer.train()
     assert (tmp_path / "checkpoint-1").is_dir()
     assert_hpt_card(tmp_path / "README.md")
 
 
 def test_push_to_hub_builds_the_hpt_card_and_uploads_the_output_dir(tmp_path, char_tokenizer):
-    trainer = make_trainer(tmp_path, char_tokenizer)
+    trainer = _trainer(tmp_path, char_tokenizer)
     # A repo id set up front skips repo creation; the upload itself is intercepted: nothing reaches the Hub.
     trainer.hub_model_id = "someone/tiny-hpt"
     card_calls = []
@@ -94,7 +87,7 @@ def test_push_to_hub_builds_the_hpt_card_and_uploads_the_output_dir(tmp_path, ch
 
 def test_card_names_a_hub_base_model(tmp_path, char_tokenizer):
     # A model loaded from the Hub is named in the card; a local directory is not (TRL links base models on the Hub).
-    trainer = make_trainer(tmp_path, char_tokenizer)
+    trainer = _trainer(tmp_path, char_tokenizer)
     trainer.model.config._name_or_path = "Qwen/Qwen2.5-Math-7B"
     trainer.create_model_card(model_name="tiny-hpt")
     card = assert_hpt_card(tmp_path / "README.md")
@@ -126,12 +119,7 @@ def _create_model_card(trainer):
 
 
 def _trainer_from_path(model_dir, output_dir):
-    return HPTTrainer(
-        model=str(model_dir),
-        reward_funcs=dense_reward,
-        args=train_args(output_dir, per_device_train_batch_size=8, num_generations=4),
-        train_dataset=Dataset.from_list(addition_rows([(1, 2), (3, 4), (5, 5), (2, 7)])),
-    )
+    return _trainer(output_dir, None, model=str(model_dir))  # the tokenizer too is loaded from the path
 
 
 def _no_none(card):
@@ -139,7 +127,7 @@ def _no_none(card):
 
 
 def test_card_of_a_model_trained_from_a_local_directory(tmp_path):
-    model_dir = write_tiny_checkpoint(tmp_path / "my-base-model")
+    model_dir = save_char_model(tmp_path / "my-base-model")
     output_dir = tmp_path / "runs" / "hpt-local"
     trainer = _trainer_from_path(model_dir, output_dir)
     _create_model_card(trainer)()  # no model_name, no Hub id, a local base model: TRL alone writes "None" three times
@@ -163,7 +151,7 @@ def test_card_of_a_model_trained_from_a_local_directory(tmp_path):
 def test_card_of_a_model_loaded_from_the_hub_cache_links_its_repo(tmp_path):
     # A snapshot directory of the Hub cache is a local path to TRL, but its name keeps the repo id.
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-Math-7B" / "snapshots" / "0123abcd"
-    trainer = _trainer_from_path(write_tiny_checkpoint(snapshot), tmp_path / "out")
+    trainer = _trainer_from_path(save_char_model(snapshot), tmp_path / "out")
     _create_model_card(trainer)()
 
     card = assert_hpt_card(tmp_path / "out" / "README.md")

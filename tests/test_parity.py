@@ -9,55 +9,32 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from tests.conftest import dense_reward, tiny_model, train_args
 from trl_hpt import HPTTrainer
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import LOSS_CONFIGS, addition_rows, dense_reward, make_trainer, tiny_model
 
 
-CONFIGS = {
-    "grpo": {"loss_type": "grpo"},
-    "bnpo": {"loss_type": "bnpo"},
-    "dr_grpo": {"loss_type": "dr_grpo"},
-    "dapo": {"loss_type": "dapo"},
-    "cispo": {"loss_type": "cispo", "epsilon_high": 1.5},
-    "sapo": {"loss_type": "sapo"},
-    "luspo": {"loss_type": "luspo"},
-    "vespo": {"loss_type": "vespo"},
-    "entropy_coef": {"loss_type": "dapo", "entropy_coef": 0.05},
-    "adaptive_entropy": {"loss_type": "grpo", "entropy_coef": 0.05, "use_adaptive_entropy": True},
-    "kl": {"loss_type": "dapo", "beta": 0.1},
-    "kl_bias_corrected": {"loss_type": "grpo", "beta": 0.1, "use_bias_correction_kl": True},
-    "top_entropy": {"loss_type": "dapo", "top_entropy_quantile": 0.5},
-    "off_policy_mask": {"loss_type": "dapo", "off_policy_mask_threshold": 0.0},
-    "sequence_is": {"loss_type": "dapo", "importance_sampling_level": "sequence"},
-    "delta": {"loss_type": "grpo", "delta": 1.05, "epsilon": 0.01},
-}
 # Wall-clock keys differ between any two runs.
 TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
-
-
-def _dataset():
-    return Dataset.from_list([{"prompt": r["prompt"]} for r in addition_rows([(a, 9 - a) for a in range(10)])])
+ROWS = [{"prompt": r["prompt"]} for r in addition_rows([(a, 9 - a) for a in range(10)])]
 
 
 def _run(trainer_cls, tmp_path, tokenizer, overrides, delegate=True):
     # Two optimizer updates per generation batch (num_iterations=2) make the ratios, clipping and masks non-trivial.
-    common = dict(steps_per_generation=2, num_iterations=2, max_steps=3, **overrides)
-    cls = GRPOConfig if trainer_cls is GRPOTrainer else None
-    model = tiny_model(tokenizer)
-    if overrides.get("beta"):
-        # beta > 0 makes GRPOTrainer load the reference model from the policy's path: a local directory here.
-        model.save_pretrained(str(tmp_path / "policy"))
-        model = str(tmp_path / "policy")
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=dense_reward,
-        args=train_args(tmp_path, cls=cls, **common) if cls else train_args(tmp_path, feedback="rl", **common),
-        train_dataset=_dataset(),
-        processing_class=tokenizer,
+    extra = {} if trainer_cls is GRPOTrainer else {"feedback": "rl"}
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        ROWS,
+        dense_reward,
+        trainer_cls=trainer_cls,
+        per_device_train_batch_size=8,
+        steps_per_generation=2,
+        num_iterations=2,
+        max_steps=3,
+        **extra,
+        **overrides,
     )
     if not delegate:
         trainer._delegate_plain_batches = False
@@ -80,9 +57,9 @@ def _assert_same_logs(grpo_logs, hpt_logs, hybrid):
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), f"log {step}, {key} (hybrid pass: {hybrid})"
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(LOSS_CONFIGS))
 def test_feedback_rl_equals_grpo_trainer_in_parameters_and_logs(tmp_path, char_tokenizer, name):
-    overrides = CONFIGS[name]
+    overrides = LOSS_CONFIGS[name]
     grpo = _run(GRPOTrainer, tmp_path / "grpo", char_tokenizer, overrides)
     initial = dict(tiny_model(char_tokenizer).named_parameters())
     moved = max((p.detach() - initial[n]).abs().max().item() for n, p in grpo.model.named_parameters())

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from accelerate.utils import is_peft_model
 
-from tests.test_cli import write_luffy_jsonl, write_tiny_checkpoint
 from trl_hpt import HPTConfig, cli
+from trl_hpt.testing import save_char_model, save_tiny_model, write_luffy_jsonl
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ EXPECTED_SFT_FRACTION = {
 @pytest.fixture(scope="module")
 def local_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
-    return write_tiny_checkpoint(root / "model"), write_luffy_jsonl(root / "train.jsonl")
+    return save_char_model(root / "model"), write_luffy_jsonl(root / "train.jsonl")
 
 
 @pytest.mark.parametrize("name", GPU_RECIPES)
@@ -195,8 +195,6 @@ def test_cpu_recipe_needs_no_override_but_the_model(monkeypatch):
 
 
 def test_cpu_recipe_trains_two_steps_through_the_command(tmp_path, monkeypatch):
-    from helpers_tiny import save_tiny_model
-
     monkeypatch.chdir(ROOT)
     # The tiny model of the evaluation tests: a chat template, and positions for prompt + 128 completion tokens.
     model_dir = save_tiny_model(tmp_path / "tiny-model")

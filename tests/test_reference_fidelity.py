@@ -14,15 +14,12 @@ gradient accumulation 1 (micro-batches add up), then a gradient clip at 1.0 and 
 
 import pytest
 import torch
-from datasets import Dataset
 
-from tests.conftest import dense_reward, generation_batch, slot_reward, tiny_model, train_args
-from trl_hpt import HPTConfig, HPTTrainer
-from trl_hpt.demo import addition_rows
+from trl_hpt import HPTConfig
+from trl_hpt.testing import PAIRS, addition_rows, dense_reward, generation_batch, make_trainer, slot_reward, train_args
 
 
 G = 4
-PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
 NUM_CORRECT = [0, 2, 0, 1]  # prompts 0 and 2 are never solved: switch sends them to SFT
 COEF = 0.3
 # The paper recipes' HPT configuration of the reference's arithmetic.
@@ -43,20 +40,9 @@ REFERENCE = dict(
 )
 
 
-def _trainer(tmp_path, tokenizer, rows, reward, **overrides):
-    args = train_args(tmp_path, per_device_train_batch_size=len(rows) * G, num_generations=G, **overrides)
-    return HPTTrainer(
-        model=tiny_model(tokenizer),
-        reward_funcs=reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
-
-
 def test_one_configuration_reproduces_the_reference_loss_and_gradients(tmp_path, char_tokenizer):
     rows = addition_rows(PAIRS)
-    trainer = _trainer(tmp_path, char_tokenizer, rows, slot_reward(rows, NUM_CORRECT, G), **REFERENCE)
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, slot_reward(rows, NUM_CORRECT, G), **REFERENCE)
     batch = generation_batch(trainer, G)
     model = trainer.model
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -104,7 +90,7 @@ def test_one_configuration_reproduces_the_reference_loss_and_gradients(tmp_path,
 @pytest.mark.parametrize("threshold, skipped", [(1e-9, True), (1e9, False)])
 def test_steps_whose_gradient_norm_exceeds_the_threshold_are_skipped(tmp_path, char_tokenizer, threshold, skipped):
     rows = addition_rows(PAIRS)
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path,
         char_tokenizer,
         rows,

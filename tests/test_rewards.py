@@ -106,6 +106,8 @@ def test_benchmark_answers_verify_all_rows(path):
         (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
         (r"\fbox{42}", "42"),
         (r"\boxed 7 is it", "7"),
+        (r"\boxed {5}", "5"),
+        (r"\boxed{ 7 }", "7"),
         (r"\boxed{ x^{2} }", "x^{2}"),
         (r"\boxed{}", ""),
         (r"\boxed{3} and then \boxed{4", None),  # the last box is cut off

@@ -2,12 +2,9 @@
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from tests.conftest import dense_reward, tiny_model, train_args
-from trl_hpt import HPTTrainer
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import addition_rows, dense_reward, make_trainer, tiny_model
 
 
 def _params(model):
@@ -26,26 +23,14 @@ def _params(model):
     ids=lambda o: "-".join(str(v) for v in o.values()),
 )
 def test_feedback_rl_is_grpo(tmp_path, char_tokenizer, overrides):
-    common = dict(steps_per_generation=2, max_steps=3, **overrides)
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in addition_rows([(a, 9 - a) for a in range(10)])])
+    common = dict(per_device_train_batch_size=8, steps_per_generation=2, max_steps=3, **overrides)
+    rows = [{"prompt": r["prompt"]} for r in addition_rows([(a, 9 - a) for a in range(10)])]
 
     initial = _params(tiny_model(char_tokenizer))
-    grpo = GRPOTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=dense_reward,
-        args=train_args(tmp_path / "grpo", cls=GRPOConfig, **common),
-        train_dataset=dataset,
-        processing_class=char_tokenizer,
-    )
+    grpo = make_trainer(tmp_path / "grpo", char_tokenizer, rows, dense_reward, trainer_cls=GRPOTrainer, **common)
     grpo.train()
     # A prompt-only GRPO dataset, unchanged: feedback="rl" needs no demonstrations.
-    hpt = HPTTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=dense_reward,
-        args=train_args(tmp_path / "hpt", feedback="rl", **common),
-        train_dataset=dataset,
-        processing_class=char_tokenizer,
-    )
+    hpt = make_trainer(tmp_path / "hpt", char_tokenizer, rows, dense_reward, feedback="rl", **common)
     hpt.train()
     assert hpt.state.global_step == grpo.state.global_step == 3
 
@@ -68,13 +53,8 @@ def test_feedback_sft_is_a_cross_entropy_sgd_step(tmp_path, char_tokenizer):
     lr = 0.1
     model = tiny_model(char_tokenizer)
     reference = tiny_model(char_tokenizer)
-    args = train_args(tmp_path, feedback="sft", max_steps=1, learning_rate=lr, per_device_train_batch_size=16)
-    trainer = HPTTrainer(
-        model=model,
-        reward_funcs=dense_reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=char_tokenizer,
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, rows, dense_reward, model=model, feedback="sft", max_steps=1, learning_rate=lr
     )
     trainer.train()
 

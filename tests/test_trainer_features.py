@@ -4,12 +4,11 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
 from trl import GRPOConfig
 
-from tests.conftest import dense_reward, tiny_model, train_args
-from trl_hpt import HPTConfig, HPTTrainer
-from trl_hpt.demo import addition_rows, exact_match_reward
+from trl_hpt import HPTConfig
+from trl_hpt.rewards import exact_match_reward
+from trl_hpt.testing import addition_rows, dense_reward, make_trainer, train_args
 
 
 PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 6)]
@@ -17,24 +16,17 @@ PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 6)]
 
 def _trainer(tmp_path, tokenizer, reward=exact_match_reward, **overrides):
     overrides.setdefault("per_device_train_batch_size", 8)
-    return HPTTrainer(
-        model=tiny_model(tokenizer),
-        reward_funcs=reward,
-        args=train_args(tmp_path, **overrides),
-        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
-        processing_class=tokenizer,
-    )
+    return make_trainer(tmp_path, tokenizer, addition_rows(PAIRS), reward, **overrides)
 
 
 def test_lora_trains_only_the_adapter(tmp_path, char_tokenizer):
     from peft import LoraConfig
 
-    trainer = HPTTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=exact_match_reward,
-        args=train_args(tmp_path, max_steps=2, learning_rate=0.5),
-        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
-        processing_class=char_tokenizer,
+    trainer = _trainer(
+        tmp_path,
+        char_tokenizer,
+        max_steps=2,
+        learning_rate=0.5,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
@@ -88,13 +80,14 @@ def test_checkpoint_resumes_and_finishes(tmp_path, char_tokenizer):
 
 def test_evaluation_uses_no_demonstrations_and_reports_accuracy(tmp_path, char_tokenizer):
     eval_rows = [{"prompt": r["prompt"], "solution": r["solution"]} for r in addition_rows(PAIRS[:4])]
-    trainer = HPTTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=exact_match_reward,
-        args=train_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8),
-        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
-        eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=char_tokenizer,
+    trainer = _trainer(
+        tmp_path,
+        char_tokenizer,
+        eval_rows=eval_rows,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=8,
     )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -103,14 +96,7 @@ def test_evaluation_uses_no_demonstrations_and_reports_accuracy(tmp_path, char_t
 
 
 def test_accepts_plain_grpo_config(tmp_path, char_tokenizer):
-    args = train_args(tmp_path, cls=GRPOConfig, max_steps=1)
-    trainer = HPTTrainer(
-        model=tiny_model(char_tokenizer),
-        reward_funcs=exact_match_reward,
-        args=args,
-        train_dataset=Dataset.from_list(addition_rows(PAIRS)),
-        processing_class=char_tokenizer,
-    )
+    trainer = _trainer(tmp_path, char_tokenizer, config_cls=GRPOConfig, max_steps=1)
     assert isinstance(trainer.args, HPTConfig) and trainer.args.feedback == "switch"
     assert trainer.args.per_device_train_batch_size == 8 and trainer.args.steps_per_generation == 1
     trainer.train()

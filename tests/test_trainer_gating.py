@@ -4,38 +4,29 @@ import logging
 
 import pytest
 import torch
-from datasets import Dataset
 
-from tests.conftest import dense_reward, generation_batch, tiny_model, train_args
-from trl_hpt import HPTTrainer
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import (
+    PAIRS,
+    addition_rows,
+    count_forward_rows,
+    dense_reward,
+    generation_batch,
+    loss_and_grads,
+    make_trainer,
+    per_token_logps,
+    slot_reward,
+    train_args,
+)
 
 
 G = 4
+PROMPTS = [row["prompt"] for row in addition_rows(PAIRS)]
 
 
 def rollout_index_reward(correct_per_prompt):
     """Marks the first k rollouts of each prompt correct, k = correct_per_prompt[prompt]: P = k / G exactly."""
-
-    def reward(prompts, completions, **kwargs):
-        return [1.0 if i % G < correct_per_prompt[p] else 0.0 for i, p in enumerate(prompts)]
-
-    return reward
-
-
-def make_trainer(tmp_path, tokenizer, rows, reward, **overrides):
-    args = train_args(tmp_path, per_device_train_batch_size=len(rows) * G, num_generations=G, **overrides)
-    return HPTTrainer(
-        model=tiny_model(tokenizer),
-        reward_funcs=reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
-
-
-PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
-PROMPTS = [row["prompt"] for row in addition_rows(PAIRS)]
+    rows = [{"prompt": prompt} for prompt in correct_per_prompt]
+    return slot_reward(rows, list(correct_per_prompt.values()), G, wrong=0.0)
 
 
 def correct_counts(*counts):
@@ -47,7 +38,9 @@ def correct_counts(*counts):
 def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokenizer, gate):
     rows = addition_rows(PAIRS)
     k = correct_counts(0, 1, 2, 4)
-    trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), switch_gate=gate)
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, rows, rollout_index_reward(k), switch_gate=gate, offline_aggregation="token_mean"
+    )
     out = generation_batch(trainer, G)
     accuracy = torch.tensor([k[r["prompt"]] / G for r in rows])
     to_sft = accuracy <= gate
@@ -150,26 +143,12 @@ def test_zero_weight_rows_are_skipped_with_identical_loss_and_gradients(tmp_path
     rows = addition_rows(PAIRS)
     k = correct_counts(0, 0, 2, 4)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(k), loss_type="grpo")
-    trainer.model.train()
     batch = generation_batch(trainer, G)
-    sizes = []
-    original = trainer._get_per_token_logps_and_entropies
-
-    def counting(model, input_ids, *args, **kwargs):
-        sizes.append(input_ids.size(0))
-        return original(model, input_ids, *args, **kwargs)
-
-    trainer._get_per_token_logps_and_entropies = counting
-
-    def loss_and_grads(skip):
-        trainer.model.zero_grad()
-        trainer._skip_zero_weight_rows = skip  # off: every row through the model, same weights
-        loss = trainer._compute_loss(trainer.model, dict(batch))
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
-
-    loss_skip, grads_skip = loss_and_grads(skip=True)
-    loss_all, grads_all = loss_and_grads(skip=False)
+    sizes = count_forward_rows(trainer)
+    trainer._skip_zero_weight_rows = True
+    loss_skip, grads_skip = loss_and_grads(trainer, batch)
+    trainer._skip_zero_weight_rows = False  # every row through the model, same weights
+    loss_all, grads_all = loss_and_grads(trainer, batch)
     assert sizes == [2 * 1 + 2 * G, 4 * G]  # two gated groups keep only their demonstration row
     torch.testing.assert_close(loss_skip, loss_all, atol=1e-6, rtol=1e-6)
     for a, b in zip(grads_skip, grads_all):
@@ -315,11 +294,7 @@ def test_offline_aggregation_loss_equals_its_closed_form(tmp_path, char_tokenize
     loss = trainer._compute_loss(trainer.model, dict(batch))
 
     with torch.no_grad():
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, attention, batch["completion_ids"].size(1)
-        )
+        logps = per_token_logps(trainer, batch)
     mask = batch["completion_mask"].float()
     offline, weight = batch["hpt_offline"], batch["hpt_weight"]
     # One update per generation batch: the ratio is 1, a rollout token's loss is -A; a demonstration token's -log p.
@@ -345,3 +320,22 @@ def test_offline_aggregation_is_validated(tmp_path):
     with pytest.raises(ValueError, match="offline_loss='luffy'"):
         train_args(tmp_path, offline_loss="luffy", offline_aggregation="token_mean")
     assert train_args(tmp_path, offline_loss="luffy", offline_aggregation="loss_type").offline_loss == "luffy"
+
+
+@pytest.mark.parametrize(
+    "feedback, offline_loss, expected",
+    [
+        ("sft", "sft", "token_mean"),  # no RL term: exactly cross-entropy training
+        ("switch", "sft", "loss_type"),  # beside an RL term: a demonstration token weighs a rollout token's
+        ("linear", "chord_phi", "loss_type"),
+        ("soft", "luffy", "loss_type"),
+    ],
+)
+def test_default_offline_aggregation_depends_on_whether_an_rl_term_exists(
+    tmp_path, char_tokenizer, feedback, offline_loss, expected
+):
+    trainer = make_trainer(
+        tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward, feedback=feedback, offline_loss=offline_loss
+    )
+    assert trainer.args.offline_aggregation is None
+    assert trainer.offline_spec.aggregation == expected

@@ -13,30 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 from trl.rewards import accuracy_reward, get_soft_overlong_punishment
 
-from tests.conftest import dense_reward, generation_batch, tiny_model, train_args
 from trl_hpt import HPTTrainer
 from trl_hpt.data import Demonstration, tokenize_demonstration
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import PAIRS, addition_rows, dense_reward, generation_batch, make_trainer
 
 
 G = 4
-PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _trainer(tmp_path, tokenizer, rows, reward, **overrides):
-    args = train_args(tmp_path, per_device_train_batch_size=len(rows) * G, num_generations=G, **overrides)
-    return HPTTrainer(
-        model=tiny_model(tokenizer),
-        reward_funcs=reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
 
 
 def _demo_advantages(out):
@@ -53,7 +39,7 @@ def test_luffy_demonstrations_in_a_solution_column_score_with_trls_accuracy_rewa
     rows = [
         {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "solution": f"$\\boxed{{{a + b}}}$"} for a, b in PAIRS
     ]
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path,
         char_tokenizer,
         rows,
@@ -88,7 +74,7 @@ def test_demonstrations_reach_rewards_in_the_rollouts_format(
         seen.append((completions, completion_ids))
         return [1.0 if c == expected_completion else 0.0 for c in completions]
 
-    trainer = _trainer(tmp_path, char_tokenizer, rows, reward, feedback="soft", offline_loss="srft")
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, reward, feedback="soft", offline_loss="srft")
     out = generation_batch(trainer, G)
     demo_completions, demo_ids = seen[-1]
     assert demo_completions == [expected_completion]
@@ -100,7 +86,7 @@ def test_token_id_rewards_score_demonstrations_by_their_tokens(tmp_path, char_to
     rows = addition_rows(PAIRS)
     rows[0]["completion"] = "1" * 30  # a long demonstration: DAPO's overlong punishment must see its length
     overlong = get_soft_overlong_punishment(max_completion_len=24, soft_punish_cache=8)
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path,
         char_tokenizer,
         rows,
@@ -124,10 +110,7 @@ def test_demonstration_format_does_not_depend_on_the_hash_seed(tmp_path):
         """
         import sys, tempfile
         sys.path.insert(0, sys.argv[1])
-        from datasets import Dataset
-        from tests.conftest import generation_batch, tiny_model, train_args
-        from trl_hpt import HPTTrainer
-        from trl_hpt.demo import build_char_tokenizer
+        from trl_hpt.testing import build_char_tokenizer, generation_batch, make_trainer
 
         tokenizer = build_char_tokenizer()
         rows = [{"prompt": [{"role": "user", "content": "1+2="}], "completion": "3"}]
@@ -136,10 +119,7 @@ def test_demonstration_format_does_not_depend_on_the_hash_seed(tmp_path):
             assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions), completions
             return [1.0] * len(completions)
 
-        args = train_args(tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4, feedback="soft",
-                          offline_loss="luffy")
-        trainer = HPTTrainer(model=tiny_model(tokenizer), reward_funcs=reward, args=args,
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer = make_trainer(tempfile.mkdtemp(), tokenizer, rows, reward, feedback="soft", offline_loss="luffy")
         generation_batch(trainer, 4)
         print("ok")
         """
@@ -157,7 +137,7 @@ def test_mixed_groups_follow_normalize_then_sum(tmp_path, char_tokenizer):
 
     rows = addition_rows(PAIRS)
     always = lambda completions, **kw: [1.0] * len(completions)  # noqa: E731
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path,
         char_tokenizer,
         rows,
@@ -189,21 +169,15 @@ def test_grpo_advantages_equal_grpo_trainers(tmp_path, char_tokenizer):
     flaky = lambda completions, **kw: [None if i % 3 == 0 else 0.5 * i for i in range(len(completions))]  # noqa: E731
     for aggregation in ("sum_then_normalize", "normalize_then_sum"):
         for scale in ("group", "batch", "none"):
-            args = train_args(
+            grpo = make_trainer(
                 tmp_path,
-                cls=GRPOConfig,
-                per_device_train_batch_size=len(rows) * G,
-                num_generations=G,
+                char_tokenizer,
+                rows,
+                [dense_reward, flaky],
+                trainer_cls=GRPOTrainer,
                 multi_objective_aggregation=aggregation,
                 scale_rewards=scale,
                 reward_weights=[1.0, 0.5],
-            )
-            grpo = GRPOTrainer(
-                model=tiny_model(char_tokenizer),
-                reward_funcs=[dense_reward, flaky],
-                args=args,
-                train_dataset=Dataset.from_list(rows),
-                processing_class=char_tokenizer,
             )
             out = generation_batch(grpo, G)
             per_func = torch.stack([torch.tensor(grpo._logs["rewards"][n]) for n in grpo.reward_func_names], 1)
@@ -217,7 +191,7 @@ def test_grpo_advantages_equal_grpo_trainers(tmp_path, char_tokenizer):
 
 
 def test_widening_covers_prompt_plus_completion_keys_and_pads_with_the_pad_token(tmp_path, char_tokenizer):
-    trainer = _trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward)
+    trainer = make_trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward)
     char_tokenizer.pad_token = "#"  # a pad id other than 0, so padding with 0 would show
     prompt_width, width, rows = 3, 2, 4
     output = {
@@ -242,7 +216,7 @@ def test_widening_covers_prompt_plus_completion_keys_and_pads_with_the_pad_token
 
 def test_denominators_are_clamped_before_they_are_spread(tmp_path, char_tokenizer):
     """One demonstration token and one policy row in a generation batch split over 2 micro-batches."""
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward, loss_type="grpo", steps_per_generation=2
     )
     inputs = {
@@ -279,20 +253,8 @@ def test_user_code_sees_grpo_trainers_rows(tmp_path, char_tokenizer):
         ("switch", HPTTrainer, "switch"),
     ):
         extra = {} if feedback is None else {"feedback": feedback}
-        args = train_args(
-            tmp_path / name,
-            cls=GRPOConfig if cls is GRPOTrainer else None,
-            per_device_train_batch_size=len(rows) * G,
-            num_generations=G,
-            max_steps=1,
-            **extra,
-        )
-        trainer = cls(
-            model=tiny_model(char_tokenizer),
-            reward_funcs=recording(name),
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=char_tokenizer,
+        trainer = make_trainer(
+            tmp_path / name, char_tokenizer, rows, recording(name), trainer_cls=cls, max_steps=1, **extra
         )
         assert trainer.train_dataset.column_names == ["prompt", "completion", "solution", "extra"]
         original = trainer._prepare_inputs
@@ -310,13 +272,7 @@ def test_user_code_sees_grpo_trainers_rows(tmp_path, char_tokenizer):
 def test_prompt_only_dataset_error_suggests_feedback_rl(tmp_path, char_tokenizer):
     rows = [{"prompt": r["prompt"]} for r in addition_rows(PAIRS)]
     with pytest.raises(ValueError, match=r"HPTConfig\(feedback='rl'\).*exactly GRPOTrainer"):
-        HPTTrainer(
-            model=tiny_model(char_tokenizer),
-            reward_funcs=dense_reward,
-            args=train_args(tmp_path),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=char_tokenizer,
-        )
+        make_trainer(tmp_path, char_tokenizer, rows, dense_reward, per_device_train_batch_size=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,17 +285,17 @@ def test_all_missing_demonstrations_are_refused(tmp_path, char_tokenizer):
     for row in rows:
         row["completion"] = None
     with pytest.raises(ValueError, match=r"Every demonstration in column 'completion' is missing.*feedback='rl'"):
-        _trainer(tmp_path, char_tokenizer, rows, dense_reward)
+        make_trainer(tmp_path, char_tokenizer, rows, dense_reward)
 
 
 def test_several_rewards_without_a_verifier_index_warn(tmp_path, char_tokenizer, caplog):
     always = lambda completions, **kw: [1.0] * len(completions)  # noqa: E731
     with caplog.at_level(logging.WARNING, logger="trl_hpt"):
-        _trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), [dense_reward, always])
+        make_trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), [dense_reward, always])
     assert any("verifier_reward_index" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trl_hpt"):
-        _trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), [dense_reward, always], verifier_reward_index=0)
+        make_trainer(tmp_path, char_tokenizer, addition_rows(PAIRS), [dense_reward, always], verifier_reward_index=0)
     assert not any("verifier_reward_index" in r.getMessage() for r in caplog.records)
 
 
@@ -348,7 +304,7 @@ def test_truncated_demonstrations_follow_mask_truncated_completions(tmp_path, ch
     rows[0]["completion"] = "1234567890"
     never = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
     for masked in (False, True):
-        trainer = _trainer(
+        trainer = make_trainer(
             tmp_path / str(masked),
             char_tokenizer,
             rows,
@@ -396,4 +352,4 @@ def test_message_demonstrations_for_string_prompts_keep_only_assistant_turns(tmp
         row["completion"] = [{"role": "assistant", "content": row["completion"]}]
     rows[1]["completion"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "7"}]
     with pytest.raises(ValueError, match=r"column 'completion', row 1: .*role\(s\) \['user'\]"):
-        _trainer(tmp_path, char_tokenizer, rows, dense_reward)
+        make_trainer(tmp_path, char_tokenizer, rows, dense_reward)

@@ -10,39 +10,19 @@ turn the vLLM switches on on the trainer.
 
 import pytest
 import torch
-from datasets import Dataset
 from trl import GRPOTrainer
 
-from tests.conftest import assert_same, generation_batch, slot_reward, tiny_model, train_args
-from trl_hpt import HPTTrainer
 from trl_hpt.data import Demonstration
-from trl_hpt.demo import addition_rows
+from trl_hpt.testing import assert_same, gated_trainer, generation_batch, loss_and_grads, per_token_logps
 
 
 G = 4
-PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7)]
-# Correct rollouts per prompt, by position: the first two prompts are never solved (switch sends them to SFT).
-NUM_CORRECT = [0, 0, 2, 1]
 OFF_POLICY_THRESHOLD = 0.05
 
 
-def make_trainer(tmp_path, tokenizer, feedback, offline_loss, mode):
-    rows = addition_rows(PAIRS)
-    args = train_args(
-        tmp_path,
-        per_device_train_batch_size=len(rows) * G,
-        num_generations=G,
-        loss_type="dapo",
-        feedback=feedback,
-        offline_loss=offline_loss,
-    )
-    trainer = HPTTrainer(
-        model=tiny_model(tokenizer),
-        reward_funcs=slot_reward(rows, NUM_CORRECT, G),
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
+def vllm_trainer(tmp_path, tokenizer, feedback, offline_loss, mode):
+    # The first two prompts are never solved: switch sends them to SFT.
+    trainer = gated_trainer(tmp_path, tokenizer, loss_type="dapo", feedback=feedback, offline_loss=offline_loss)
     batch = generation_batch(trainer, G)
     # What `use_vllm=True` turns on in GRPOTrainer's loss (vLLM itself is not needed to build its inputs).
     trainer.use_vllm = True
@@ -62,12 +42,7 @@ def add_vllm_fields(trainer, batch):
     mask = batch["completion_mask"]
     offline = batch["hpt_offline"].unsqueeze(1)
     with torch.no_grad():
-        old, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], mask], dim=1),
-            batch["completion_ids"].size(1),
-        )
+        old = per_token_logps(trainer, batch)
     # Rollouts were sampled by a policy a little off the training one, so the ratios are not 1 and some rollouts
     # exceed the off-policy threshold.
     sampling = old + 0.3 * torch.randn_like(old)
@@ -79,14 +54,6 @@ def add_vllm_fields(trainer, batch):
     batch["sampling_per_token_logps"] = torch.where(offline, torch.zeros_like(sampling), sampling)
     batch["importance_sampling_ratio"] = torch.where(offline, torch.ones_like(ratio), ratio)
     return batch
-
-
-def loss_and_grads(trainer, batch, compute_loss=None):
-    trainer.model.zero_grad()
-    compute_loss = compute_loss or HPTTrainer._compute_loss
-    loss = compute_loss(trainer, trainer.model, {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
 
 
 def rows_of(batch, keep):
@@ -110,7 +77,7 @@ MODES = ["token_truncate", "sequence_truncate"]
 def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
     tmp_path, char_tokenizer, feedback, offline_loss, mode
 ):
-    trainer, batch = make_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
+    trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
     offline = batch["hpt_offline"]
     assert offline.any() and (~offline).any()
     # A negative advantage on demonstrations (luffy: a legal mixed-group value; sft: ignored), so that the
@@ -137,7 +104,7 @@ def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
 @pytest.mark.parametrize("feedback, offline_loss", CONFIGS)
 def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, feedback, offline_loss, mode):
     """HPT's loss = GRPOTrainer's loss on the weighted rollout rows + the demonstration term, with vLLM's inputs on."""
-    trainer, batch = make_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
+    trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
     offline, weights = batch["hpt_offline"], batch["hpt_weight"]
     rollouts = ~offline & (weights > 0)
     assert set(weights[rollouts].tolist()) == {1.0}
@@ -166,7 +133,7 @@ def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, fee
 @pytest.mark.parametrize("sequence_level", [False, True], ids=["token", "sequence"])
 def test_swap_writes_neutral_vllm_fields_for_demonstrations(tmp_path, char_tokenizer, sequence_level):
     mode = "sequence_truncate" if sequence_level else "token_truncate"
-    trainer, _ = make_trainer(tmp_path, char_tokenizer, "switch", "sft", mode)
+    trainer, _ = vllm_trainer(tmp_path, char_tokenizer, "switch", "sft", mode)
     num_rows, width = 2 * G, 3
     torch.manual_seed(0)
     completion_mask = torch.ones(num_rows, width, dtype=torch.long)
@@ -204,7 +171,7 @@ def test_swap_writes_neutral_vllm_fields_for_demonstrations(tmp_path, char_token
 
 def test_sequence_level_ratio_stays_per_sequence_when_rollouts_are_one_token_long(tmp_path, char_tokenizer):
     """A (B, 1) sequence-level ratio must not be mistaken for per-token values when the completions are 1 wide."""
-    trainer, _ = make_trainer(tmp_path, char_tokenizer, "switch", "sft", "sequence_truncate")
+    trainer, _ = vllm_trainer(tmp_path, char_tokenizer, "switch", "sft", "sequence_truncate")
     num_rows = G
     ratio = torch.tensor([[0.5], [2.0], [1.5], [0.8]])
     output = {

@@ -1,43 +1,22 @@
-"""Dataset adapters: turn public math-RL schemas into the prompt-completion rows that [`HPTTrainer`] reads.
+"""Dataset adapters: public math-RL schemas (LUFFY / OpenR1, verl, MATH-style problem/solution) mapped to the
+prompt-completion rows [`HPTTrainer`] reads: `prompt`, the demonstration in `completion` (`None` when the prompt has
+none: it then trains by RL only) and the gold answer in `solution`, which the math reward reads. Every other column
+is kept and reaches the reward functions as a keyword argument.
 
-[`HPTTrainer`] consumes TRL prompt-completion rows:
-
-- `prompt`: a string (standard format) or a list of chat messages (conversational format);
-- `completion`: the demonstration, a string or a list with one assistant message, or `None` when the prompt has no
-  demonstration (the prompt is then trained by RL only);
-- any other column, passed to the reward functions as a keyword argument. The math reward reads the gold answer from
-  `solution`.
-
-The adapters below map common public schemas onto these columns:
-
-| name | source schema | `completion` from | `solution` from |
-|---|---|---|---|
-| `luffy` (alias `openr1`) | LUFFY / OpenR1-Math-46k-8192 (`prompt`, `target`, `reward_model`, ...) | `target` | `reward_model.ground_truth` |
-| `verl` | verl RL parquet (`data_source`, `prompt`, `ability`, `reward_model`, `extra_info`) | first of `target`, `response`, `extra_info.answer`, `extra_info.solution` | `reward_model.ground_truth` |
-| `problem_solution` | MATH / NuminaMath style (`problem`, `solution`, optional `answer`) | `solution` | `answer`, else the last `\\boxed{}` of `solution` |
-| `identity` (alias `none`) | already prompt-completion | unchanged | unchanged |
-
-Source columns whose content moved into `prompt` / `completion` / `solution` are removed (for example `target` and
-`reward_model`); every other column is kept unless `drop_columns` asks otherwise.
-
-About the `verl` demonstration: verl's own preprocessors keep the worked solution, when they keep one at all, in
-`extra_info`. Its GSM8K script stores the full reference answer (reasoning then `#### <number>`) in
-`extra_info["answer"]` (and verl's SFT examples train on exactly that field), while its MATH script stores only
-`split` and `index`. So `extra_info.answer` is used as the demonstration, after the top-level `target` (LUFFY) and
-`response` columns. A candidate that is equal to the gold answer is skipped: it is a bare final answer, not a
-demonstration, and imitating it would teach the model to answer without reasoning. Pass `demonstration_keys` to
-choose other fields, or `demonstration_keys=None` for a purely RL dataset.
+Files and splits are found and read by `datasets`; the adapters are `datasets.map` functions. The adapters, their
+options and the detection rules are described in the documentation's Data page.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from trl_hpt.rewards import BOXED_INSTRUCTION, extract_boxed
 
 
 if TYPE_CHECKING:
@@ -54,23 +33,18 @@ __all__ = [
     "load_hpt_dataset",
 ]
 
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-"""Instruction suffix commonly appended to math problems (Qwen2.5-Math, LUFFY and HPT evaluations)."""
-
 DEFAULT_VERL_DEMONSTRATION_KEYS = ("target", "response", "extra_info.answer", "extra_info.solution")
-"""Where the `verl` adapter looks for a demonstration, in order; dotted keys go into struct columns."""
+"""Where the `verl` adapter looks for a demonstration, in order; dotted keys go into struct columns.
+
+verl's own preprocessors keep the worked solution, when they keep one, in `extra_info`: its GSM8K script stores the
+full reference answer (reasoning, then `#### <number>`) in `extra_info["answer"]`, which verl's SFT examples train on.
+A candidate equal to the gold answer is skipped: a bare final answer is not a demonstration.
+"""
 
 # The columns HPTTrainer reads; adapters write exactly these.
 _OUTPUT_COLUMNS = ("prompt", "completion", "solution")
 
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-# Hub-style split names found in file names (`train-00000-of-00001.parquet`, `data/test.jsonl`, ...).
-_SPLIT_SYNONYMS = {
-    "train": ("train", "training"),
-    "validation": ("validation", "valid", "val", "dev"),
-    "test": ("test", "testing", "eval", "evaluation"),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,32 +80,6 @@ def _as_gold(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return str(value)
     return value
-
-
-def _last_boxed(text: str) -> str | None:
-    r"""Returns the content of the last `\boxed{...}` (or `\fbox{...}`) in `text`, braces matched, else `None`."""
-    if not isinstance(text, str):
-        return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start:]
-    rest = rest[len("\\boxed") :] if rest.startswith("\\boxed") else rest[len("\\fbox") :]
-    if rest.startswith(" "):
-        # `\boxed 5`: the argument is the single token after the space.
-        token = rest[1:].split("$")[0].split()
-        return token[0] if token else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for position, char in enumerate(rest):
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:position]
-    return None  # unbalanced braces: no usable answer
 
 
 def _check_messages(value: Any, column: str, index: int | None) -> list[dict[str, Any]]:
@@ -300,7 +248,7 @@ def _problem_solution(
         )
     gold = _as_gold(example.get(answer_key))
     if _is_empty(gold) or (isinstance(gold, str) and not gold.strip()):
-        gold = _last_boxed(demonstration)
+        gold = extract_boxed(demonstration)
     if gold is None and missing_answer == "error":
         raise ValueError(
             f"{_where(index)}: no gold answer: column `{answer_key}` is missing or empty and column `{solution_key}` "
@@ -322,74 +270,51 @@ def _as_keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 # Which source columns each adapter consumes (removed after mapping), given the dataset's columns and the options.
-def _luffy_consumes(columns: Sequence[str], options: Mapping[str, Any]) -> tuple[str, ...]:
-    return ("target", "reward_model")
-
-
 def _verl_consumes(columns: Sequence[str], options: Mapping[str, Any]) -> tuple[str, ...]:
     keys = _as_keys(options.get("demonstration_keys", DEFAULT_VERL_DEMONSTRATION_KEYS))
-    top_level = tuple(key for key in keys if "." not in key and key in columns)
-    return ("reward_model", *top_level)
-
-
-def _problem_solution_consumes(columns: Sequence[str], options: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(options.get(name, default) for name, default in _PROBLEM_SOLUTION_KEYS)
-
-
-_PROBLEM_SOLUTION_KEYS = (("problem_key", "problem"), ("solution_key", "solution"), ("answer_key", "answer"))
+    return ("reward_model", *(key for key in keys if "." not in key and key in columns))
 
 
 # Output features, so that Arrow knows the column types up front: without them, a first write batch whose
 # completions are all None (RL-only prompts) would fix the `completion` type to null.
-def _message_list_feature():
+def _text_or_messages(conversational: bool) -> Any:
     from datasets import List, Value
 
-    return List({"role": Value("string"), "content": Value("string")})
-
-
-def _is_list_feature(feature: Any) -> bool:
-    from datasets import LargeList, List
-
-    return isinstance(feature, (list, List, LargeList))
+    return List({"role": Value("string"), "content": Value("string")}) if conversational else Value("string")
 
 
 def _gold_feature(feature: Any) -> Any:
     from datasets import Value
 
-    if feature is None:
-        return None
-    if isinstance(feature, Value):
-        return Value("string")  # scalars are written as strings by `_as_gold`
-    return feature
+    return Value("string") if isinstance(feature, Value) else feature  # scalars are written as strings by `_as_gold`
 
 
 def _messages_features(features: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any] | None:
-    from datasets import Value
+    from datasets import LargeList, List
 
-    prompt = features.get("prompt")
-    reward_model = features.get("reward_model")
+    prompt, reward_model = features.get("prompt"), features.get("reward_model")
     if prompt is None or not isinstance(reward_model, Mapping):
         return None
-    if options.get("system_prompt") is not None and not _is_list_feature(prompt):
+    conversational = isinstance(prompt, (list, List, LargeList))
+    if options.get("system_prompt") is not None and not conversational:
         return None  # the adapter raises the real error on the first row
-    conversational = _is_list_feature(prompt)
     gold = _gold_feature(reward_model.get("ground_truth"))
     if gold is None:
         return None
-    completion = _message_list_feature() if conversational else Value("string")
-    return {"prompt": prompt, "completion": completion, "solution": gold}
+    return {"prompt": prompt, "completion": _text_or_messages(conversational), "solution": gold}
 
 
-def _problem_solution_features(features: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any] | None:
+def _problem_solution_features(features: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     from datasets import Value
 
-    conversational = options.get("conversational", False)
+    text = _text_or_messages(options.get("conversational", False))
     answer = features.get(options.get("answer_key", "answer"))
     # Without an answer column every gold answer is extracted from a string, so it is a string too.
-    gold = Value("string") if answer is None else _gold_feature(answer)
-    prompt = _message_list_feature() if conversational else Value("string")
-    completion = _message_list_feature() if conversational else Value("string")
-    return {"prompt": prompt, "completion": completion, "solution": gold}
+    return {
+        "prompt": text,
+        "completion": text,
+        "solution": Value("string") if answer is None else _gold_feature(answer),
+    }
 
 
 @dataclass(frozen=True)
@@ -436,7 +361,7 @@ _LUFFY = DatasetAdapter(
     function=_luffy,
     description="LUFFY / OpenR1-Math-46k-8192: `prompt` messages, `target` [assistant message], "
     "`reward_model.ground_truth`.",
-    consumes=_luffy_consumes,
+    consumes=lambda columns, options: ("target", "reward_model"),
     features=_messages_features,
     # `target` too: without it every row would silently lose its demonstration (`verl` is the prompt-only schema).
     requires=lambda options: ("prompt", "target", "reward_model"),
@@ -454,7 +379,9 @@ _PROBLEM_SOLUTION = DatasetAdapter(
     name="problem_solution",
     function=_problem_solution,
     description="MATH / NuminaMath style: `problem`, worked `solution`, optional `answer` (else last \\boxed{}).",
-    consumes=_problem_solution_consumes,
+    consumes=lambda columns, options: tuple(
+        options.get(f"{name}_key", name) for name in ("problem", "solution", "answer")
+    ),
     features=_problem_solution_features,
     requires=lambda options: (options.get("problem_key", "problem"),),
 )
@@ -517,13 +444,6 @@ def detect_adapter(column_names: Sequence[str]) -> str:
     )
 
 
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    # A streamed dataset may not know its columns before the first row.
-    return list(next(iter(dataset)).keys())
-
-
 def adapt_dataset(
     dataset: Dataset | IterableDataset,
     adapter: str | DatasetAdapter | Callable[..., dict[str, Any]] | None = None,
@@ -574,7 +494,11 @@ def adapt_dataset(
     """
     from datasets import Dataset, Features
 
-    columns = _column_names(dataset)
+    from trl_hpt.data import column_names
+
+    columns = column_names(dataset)
+    if columns is None:  # a streamed dataset may not know its columns before the first row
+        columns = list(next(iter(dataset)))
     if adapter is None:
         adapter = detect_adapter(columns)
     if isinstance(adapter, str):
@@ -687,58 +611,43 @@ def _check_required_columns(adapter: DatasetAdapter, columns: Sequence[str], opt
     )
 
 
-def _split_tokens(relative: Path) -> set[str]:
-    stem = str(relative.with_suffix("")).lower()
-    return set(re.split(r"[-._/\\\s]+", stem))
-
-
 def _local_data_files(path: Path, split: str) -> tuple[str, list[str]]:
-    """Returns the `datasets` builder name and the files of `split` for a local file or directory."""
+    """
+    The `datasets` builder name and the files of `split` for a local file or directory. A directory's files are sorted
+    into splits by `datasets.data_files`, as `load_dataset` sorts a directory or a Hub repository.
+    """
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, EmptyDatasetError, get_data_patterns
+
     base_split = split.split("[")[0]
     if path.is_file():
         if path.suffix.lower() not in _LOCAL_FORMATS:
             raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use one of {sorted(_LOCAL_FORMATS)}.")
         return _LOCAL_FORMATS[path.suffix.lower()], [str(path)]
 
-    files = sorted(
-        file
-        for file in path.rglob("*")
-        if file.is_file()
-        and file.suffix.lower() in _LOCAL_FORMATS
-        and not any(part.startswith(".") for part in file.relative_to(path).parts)
-    )
-    if not files:
+    try:
+        patterns = get_data_patterns(str(path))
+        found = DataFilesDict.from_patterns(patterns, base_path=str(path), allowed_extensions=list(_LOCAL_FORMATS))
+    except EmptyDatasetError:
+        patterns, found = {}, {}
+    by_split = {str(name): list(files) for name, files in found.items() if files}
+    if not by_split:
         raise FileNotFoundError(f"No data file ({', '.join(sorted(_LOCAL_FORMATS))}) under {path}.")
-    builders = {_LOCAL_FORMATS[file.suffix.lower()] for file in files}
+    if base_split not in by_split:
+        if patterns == DEFAULT_PATTERNS_ALL:
+            raise ValueError(
+                f"No file for split {base_split!r} under {path}: no file name names a split, so all files are the "
+                "'train' split. Pass split='train' or point to the file."
+            )
+        raise ValueError(
+            f"No file for split {base_split!r} under {path}; the file names give the splits {sorted(by_split)}."
+        )
+    files = by_split[base_split]
+    builders = {_LOCAL_FORMATS[Path(file).suffix.lower()] for file in files}
     if len(builders) > 1:
         raise ValueError(
             f"{path} mixes data formats ({sorted(builders)}); point to one file, or keep one format per directory."
         )
-
-    wanted = set(_SPLIT_SYNONYMS.get(base_split, (base_split,)))
-    by_split: dict[str, list[Path]] = {}
-    for file in files:
-        tokens = _split_tokens(file.relative_to(path))
-        for name, synonyms in _SPLIT_SYNONYMS.items():
-            if tokens & set(synonyms):
-                by_split.setdefault(name, []).append(file)
-        if tokens & wanted:
-            by_split.setdefault(base_split, []).append(file)
-    if by_split:
-        chosen = by_split.get(base_split)
-        if not chosen:
-            raise ValueError(
-                f"No file for split {base_split!r} under {path}; the file names give the splits {sorted(by_split)}."
-            )
-        selected = sorted(set(chosen))
-    elif base_split == "train":
-        selected = files  # no split in the file names: everything is the train split, as on the Hub
-    else:
-        raise ValueError(
-            f"No file for split {base_split!r} under {path}: no file name names a split, so all files are the "
-            "'train' split. Pass split='train' or point to the file."
-        )
-    return builders.pop(), [str(file) for file in selected]
+    return builders.pop(), files
 
 
 def load_hpt_dataset(
@@ -756,9 +665,10 @@ def load_hpt_dataset(
 
     Args:
         name_or_path (`str` or `Path`):
-            A local `.json`, `.jsonl`, `.parquet` or `.csv` file; a directory of such files (files whose names carry a
-            split, such as `train.parquet` or `data/test-00000-of-00001.jsonl`, are sorted into splits, otherwise
-            every file is the `train` split); a directory written by `Dataset.save_to_disk` /
+            A local `.json`, `.jsonl`, `.parquet` or `.csv` file; a directory of such files (sorted into splits as
+            `datasets.load_dataset` sorts a directory: by the split names in file or folder names, such as
+            `train.parquet` or `data/test-00000-of-00001.jsonl`, otherwise every file is the `train` split); a
+            directory written by `Dataset.save_to_disk` /
             `DatasetDict.save_to_disk`; or a dataset name on the Hugging Face Hub, such as
             `"Elliott/Openr1-Math-46k-8192"`.
         split (`str`, *optional*, defaults to `"train"`):

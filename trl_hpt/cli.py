@@ -1,9 +1,10 @@
-"""The `trl-hpt` command line: `train`, `demo` and `eval`.
+"""The `trl-hpt` command line: `train`, `demo`, `eval` and `convert-gguf`.
 
     trl-hpt train --config examples/recipes/hpt_qwen2.5_math_7b.yaml
     trl-hpt train --config examples/recipes/hpt_qwen2.5_math_7b.yaml --learning_rate 1e-6 --output_dir runs/hpt
     trl-hpt demo
     trl-hpt eval --help
+    trl-hpt convert-gguf model.Q4_1.gguf --output_dir models/converted
 
 `train` is built on TRL's own argument machinery ([`~trl.TrlParser`]): every field of [`HPTScriptArguments`],
 [`~trl_hpt.HPTConfig`] (so every `GRPOConfig` / `TrainingArguments` field) and TRL's `ModelConfig` is both a
@@ -19,7 +20,6 @@ Torch and TRL's trainers are imported only once a subcommand runs, so `trl-hpt -
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -36,6 +36,7 @@ _COMMANDS = {
     "train": "Train a model with HPTTrainer from a YAML recipe and/or command-line flags.",
     "demo": "Run the embedded CPU demo: HPT on a tiny model and a synthetic task, nothing to download.",
     "eval": "Evaluate a model on the paper's math benchmarks (AIME, AMC, MATH-500, ...).",
+    "convert-gguf": "Turn a GGUF checkpoint (llama.cpp's format) into a model directory that trains, cached.",
 }
 
 
@@ -56,6 +57,11 @@ class HPTScriptArguments(ScriptArguments):
         reward_funcs (`list[str]`, *optional*, defaults to `["math_verify"]`):
             Reward functions: names of [`~trl_hpt.rewards.REWARD_FUNCS`] (`math_verify`, `accuracy`, `format`),
             `exact_match`, or dotted import paths (`my_module.my_reward`). Weights go in `reward_weights`.
+        gguf_file (`str`, *optional*):
+            The GGUF file inside the directory (or Hub repository) `model_name_or_path`, as transformers'
+            `gguf_file`. The checkpoint is converted once to a cached model directory
+            ([`~trl_hpt.models.convert_gguf`]) and trained from there. A `.gguf` file given as
+            `model_name_or_path`, or a directory whose only checkpoint is one, needs no `gguf_file`.
     """
 
     dataset_adapter: str | None = field(
@@ -79,6 +85,13 @@ class HPTScriptArguments(ScriptArguments):
             "exact_match, or dotted import paths such as my_module.my_reward. Weight them with reward_weights."
         },
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "The GGUF file inside model_name_or_path (a directory or Hub repository). It is converted once to "
+            "a cached model directory and trained from there; a .gguf model_name_or_path needs no gguf_file."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.dataset_adapter_options, str):
@@ -92,24 +105,14 @@ class HPTScriptArguments(ScriptArguments):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _reward_key(name: str) -> str:
-    return str(name).strip().lower().replace("-", "_")
-
-
 def get_reward_registry() -> dict[str, Callable]:
     """
-    Reward functions the command line knows by name: [`~trl_hpt.rewards.REWARD_FUNCS`] plus `exact_match` (the
-    demo's string match, handy for toy tasks and tests).
+    Reward functions the command line knows by name: [`~trl_hpt.rewards.REWARD_FUNCS`] plus `exact_match`
+    ([`~trl_hpt.rewards.exact_match_reward`], handy for toy tasks and tests).
     """
-    from trl_hpt.demo import exact_match_reward
+    from trl_hpt.rewards import REWARD_FUNCS, exact_match_reward
 
-    registry: dict[str, Callable] = {"exact_match": exact_match_reward}
-    try:
-        from trl_hpt.rewards import REWARD_FUNCS
-    except ImportError:  # an installation without the math rewards still has `exact_match` and dotted paths
-        REWARD_FUNCS = {}
-    registry.update({_reward_key(name): func for name, func in REWARD_FUNCS.items()})
-    return registry
+    return {"exact_match": exact_match_reward, **REWARD_FUNCS}
 
 
 def resolve_reward_funcs(names: str | Sequence[str]) -> list[Callable]:
@@ -124,26 +127,13 @@ def resolve_reward_funcs(names: str | Sequence[str]) -> list[Callable]:
     Returns:
         `list[Callable]`: The reward functions, in the order given.
     """
-    if isinstance(names, str):
-        names = [names]
-    registry = get_reward_registry()
-    funcs = []
-    for name in names:
-        key = _reward_key(name)
-        if key in registry:
-            funcs.append(registry[key])
-        elif "." in str(name):
-            module_name, attribute = str(name).rsplit(".", 1)
-            # A reward module next to the recipe should work without installing it, as with `trl grpo`.
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            funcs.append(getattr(importlib.import_module(module_name), attribute))
-        else:
-            raise ValueError(
-                f"Unknown reward function {name!r}. Use one of {sorted(registry)} or a dotted import path "
-                "such as `my_module.my_reward`."
-            )
-    return funcs
+    from trl_hpt.rewards import get_reward_funcs
+
+    names = [names] if isinstance(names, str) else list(names)
+    # A reward module next to the recipe should work without installing it, as with `trl grpo`.
+    if any("." in str(name) for name in names) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return get_reward_funcs(names, registry=get_reward_registry())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -172,20 +162,10 @@ def make_parser(command: str, prog: str | None = None):
 
         return TrlParser((DemoArguments,), prog=prog, description=_COMMANDS[command])
     if command == "eval":
-        return TrlParser((_evaluation_module().EvalArguments,), prog=prog, description=_COMMANDS[command])
+        from trl_hpt.evaluation import EvalArguments
+
+        return TrlParser((EvalArguments,), prog=prog, description=_COMMANDS[command])
     raise ValueError(f"Unknown command {command!r}; use one of {sorted(_COMMANDS)}.")
-
-
-def _evaluation_module():
-    try:
-        return importlib.import_module("trl_hpt.evaluation")
-    except ModuleNotFoundError as error:
-        if error.name != "trl_hpt.evaluation":
-            raise
-        raise SystemExit(
-            "trl-hpt eval: this installation has no trl_hpt.evaluation module; reinstall trl-hpt "
-            "(pip install -U trl-hpt) to get the evaluation command."
-        ) from None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -198,6 +178,23 @@ def _hub_dataset_name(name: str | None) -> str | None:
     if name is None or Path(name).expanduser().exists():
         return None
     return name
+
+
+def _resolve_gguf_model(model_name_or_path: str, gguf_file: str | None, model_init_kwargs: dict, training_args):
+    """
+    The model id to train from, and the loading options without `gguf_file`: a GGUF checkpoint becomes its cached
+    model directory, because TRL loads the config and tokenizer of a model id without `gguf_file`, and a model
+    loaded from GGUF neither trains nor saves. Anything else passes through unchanged.
+    """
+    from trl_hpt.models import resolve_gguf, resolve_model_init
+
+    if gguf_file is not None:
+        model_init_kwargs = {**model_init_kwargs, "gguf_file": gguf_file}
+    if resolve_gguf(model_name_or_path, model_init_kwargs.get("gguf_file")) is None:
+        return model_name_or_path, model_init_kwargs
+    # One process converts while the others wait, then they all find the cached directory.
+    with training_args.main_process_first(local=True, desc="GGUF conversion"):
+        return resolve_model_init(model_name_or_path, model_init_kwargs)
 
 
 def train(script_args: HPTScriptArguments, training_args, model_args):
@@ -219,7 +216,6 @@ def train(script_args: HPTScriptArguments, training_args, model_args):
     from trl import get_peft_config, get_quantization_config
 
     from trl_hpt.adapters import load_hpt_dataset
-    from trl_hpt.callbacks import HPTReportCallback
     from trl_hpt.trainer import HPTTrainer
 
     if not model_args.model_name_or_path:
@@ -237,7 +233,9 @@ def train(script_args: HPTScriptArguments, training_args, model_args):
         "dtype": model_args.dtype,
     }
     model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
+    model_name_or_path, training_args.model_init_kwargs = _resolve_gguf_model(
+        model_args.model_name_or_path, getattr(script_args, "gguf_file", None), model_init_kwargs, training_args
+    )
 
     reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
     dataset_options = dict(script_args.dataset_adapter_options or {})
@@ -256,7 +254,7 @@ def train(script_args: HPTScriptArguments, training_args, model_args):
     eval_dataset = load(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None
 
     trainer = HPTTrainer(
-        model=model_args.model_name_or_path,
+        model=model_name_or_path,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
@@ -264,11 +262,6 @@ def train(script_args: HPTScriptArguments, training_args, model_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    # HPTTrainer registers the report itself once HPTConfig has `hpt_report`; until then the command adds it.
-    has_report = any(isinstance(cb, HPTReportCallback) for cb in trainer.callback_handler.callbacks)
-    if getattr(training_args, "hpt_report", True) and not has_report:
-        trainer.add_callback(HPTReportCallback(trainer))
-
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     # The log history (with the hpt/* metrics) next to the model, as transformers' example scripts keep it.
@@ -301,14 +294,50 @@ def _run_demo(argv: list[str]) -> int:
 
 
 def _run_eval(argv: list[str]) -> int:
-    module = _evaluation_module()
+    from trl_hpt import evaluation
+
     (eval_args,) = make_parser("eval").parse_args_and_config(argv)
     # run_eval prints its table and writes the JSON results itself.
-    module.run_eval(eval_args)
+    evaluation.run_eval(eval_args)
     return 0
 
 
-_RUNNERS = {"train": _run_train, "demo": _run_demo, "eval": _run_eval}
+def _run_convert_gguf(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="trl-hpt convert-gguf",
+        description=_COMMANDS["convert-gguf"] + " Prints the directory, for `--model_name_or_path $(...)`.",
+    )
+    parser.add_argument("model", help="A .gguf file, or a directory (or Hub id) holding one; see --gguf_file.")
+    parser.add_argument(
+        "--gguf_file", default=None, help="The GGUF file's name inside MODEL, when MODEL is a directory."
+    )
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="Where to write the model. Default: a directory in the cache ($TRL_HPT_CACHE, else ~/.cache/trl_hpt), "
+        "keyed by the file's path, size and modification time, so a second run returns at once.",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--overwrite", action="store_true", help="Convert again even if the directory is up to date.")
+    args = parser.parse_args(argv)
+
+    from trl_hpt.models import convert_gguf
+
+    try:
+        directory = convert_gguf(
+            args.model,
+            gguf_file=args.gguf_file,
+            output_dir=args.output_dir,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        parser.error(str(error))
+    print(directory)
+    return 0
+
+
+_RUNNERS = {"train": _run_train, "demo": _run_demo, "eval": _run_eval, "convert-gguf": _run_convert_gguf}
 
 
 def _top_level_parser() -> argparse.ArgumentParser:

@@ -41,10 +41,11 @@ class HPTConfig(GRPOConfig):
         offline_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             `gamma` of LUFFY's shaping `p / (p + gamma)`.
         offline_aggregation (`str`, *optional*):
-            How demonstration tokens are reduced: `"token_mean"` (a separate mean over all demonstration tokens of the
-            batch, added to the RL term) or `"loss_type"` (together with the rollout tokens, by `loss_type`, so a
-            demonstration token weighs what a rollout token with advantage 1 weighs). `None`: the preset's own
-            (`token_mean` for `sft` and `chord_phi`, `loss_type` for `luffy` and `srft`).
+            How demonstration tokens are reduced: `"loss_type"` (together with the rollout tokens, by `loss_type`, so a
+            demonstration token weighs what a rollout token with advantage 1 weighs) or `"token_mean"` (a separate mean
+            over all demonstration tokens of the batch, added to the RL term). `None`: `"token_mean"` with
+            `feedback="sft"` (no RL term: exactly cross-entropy training), `"loss_type"` otherwise, so that neither term
+            drowns the other whatever the `loss_type`.
         rl_aggregation (`str`, *optional*):
             How the policy (RL) term is reduced. `None`: as `loss_type` says (GRPOTrainer's). `"max_length_sum"`: the
             per-token losses of the micro-batch summed and divided by `max_completion_length` only, with no division
@@ -107,12 +108,11 @@ class HPTConfig(GRPOConfig):
     offline_aggregation: str | None = field(
         default=None,
         metadata={
-            "help": "How demonstration tokens are reduced. 'token_mean': a separate mean over all demonstration "
-            "tokens of the batch, added to the RL term. 'loss_type': together with the rollout tokens by "
-            "loss_type, each demonstration token weighted like a rollout token with advantage 1; under "
-            "loss_type='dr_grpo' this is close to the balance of the paper's reference code, whose RL term is not "
-            "divided by the number of rows. None: the preset's own (token_mean for sft and chord_phi, loss_type for "
-            "luffy and srft, which share group statistics with the rollouts).",
+            "help": "How demonstration tokens are reduced. 'loss_type': together with the rollout tokens by "
+            "loss_type, each demonstration token weighted like a rollout token with advantage 1. 'token_mean': a "
+            "separate mean over all demonstration tokens of the batch, added to the RL term (next to TRL's loss types "
+            "a demonstration token then weighs tens to hundreds of times a rollout token). None: 'token_mean' with "
+            "feedback='sft' (exactly cross-entropy training), 'loss_type' otherwise.",
             "choices": list(AGGREGATIONS),
         },
     )

@@ -12,12 +12,14 @@ import logging
 from typing import Any, NamedTuple
 
 from datasets import Dataset, IterableDataset
+from trl.data_utils import is_conversational
 
 
 logger = logging.getLogger(__name__)
 
 
 def column_names(dataset: Dataset | IterableDataset) -> list[str] | None:
+    """The dataset's columns, or `None` for an `IterableDataset` that does not know them before its first row."""
     names = getattr(dataset, "column_names", None)
     if names is None and getattr(dataset, "features", None) is not None:
         names = list(dataset.features)
@@ -35,10 +37,6 @@ def check_demonstration_column(dataset: Dataset | IterableDataset, column: str) 
         "`HPTConfig(demonstration_column=...)` to its name, convert a public schema with `trl_hpt.adapters`, or use "
         "`HPTConfig(feedback='rl')` to train on prompts alone (exactly GRPOTrainer)."
     )
-
-
-def _is_conversational_prompt(prompt: Any) -> bool:
-    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
 def demonstration_messages(demonstration: Any) -> list[dict] | None:
@@ -124,7 +122,7 @@ def tokenize_demonstration(
     chat_template_kwargs = chat_template_kwargs or {}
     tokenizer = _tokenizer_of(processing_class)
     stops = set(eos_token_ids or []) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    if _is_conversational_prompt(prompt):
+    if is_conversational({"prompt": prompt}):
         messages = demonstration_messages(demonstration)
         if messages is None:
             return None

@@ -12,129 +12,34 @@ Run it with `trl-hpt demo` (or `python -m trl_hpt.demo`).
 
 from __future__ import annotations
 
-import argparse
 import random
-import string
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-
-
-def build_char_tokenizer(chat_template: bool = True):
-    """
-    A character-level `PreTrainedTokenizerFast` over printable ASCII, built in memory.
-
-    `<|end|>` is both the end-of-turn and the EOS token; `<pad>` pads, on the left as GRPOTrainer requires. With
-    `chat_template=True` it carries a minimal chat template whose assistant turn ends with `<|end|>`.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.printable) - set("\t\n\r\x0b\x0c"))
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for char in chars:
-        vocab.setdefault(char, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()  # characters decode back to the exact text, without separators
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|end|>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
-        padding_side="left",
-    )
-    # The special tokens are whole words: keep the regex splitter from cutting them into characters.
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[3:]})
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
-    """A randomly initialised Qwen2-architecture causal LM sized for CPU tests."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The task
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def addition_rows(pairs, conversational: bool = False) -> list[dict]:
-    """Prompt/demonstration/solution rows for `a+b=` problems."""
-    rows = []
-    for a, b in pairs:
-        # Fixed width, so prompts need no padding: left padding shifts positions between training and generation.
-        prompt, answer = f"{a:02d}+{b:02d}=", f"{a + b:02d}"
-        if conversational:
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "completion": [{"role": "assistant", "content": answer}],
-                    "solution": answer,
-                }
-            )
-        else:
-            rows.append({"prompt": prompt, "completion": answer, "solution": answer})
-    return rows
-
-
-def _completion_text(completion) -> str:
-    if isinstance(completion, list):
-        completion = completion[-1]["content"] if completion else ""
-    return str(completion)
-
-
-def exact_match_reward(completions, solution, **kwargs) -> list[float]:
-    """1.0 when the completion, stripped, is exactly the solution."""
-    return [float(_completion_text(c).strip() == str(s).strip()) for c, s in zip(completions, solution)]
+from trl_hpt.rewards import exact_match_reward
+from trl_hpt.testing import addition_rows, build_char_tokenizer, build_tiny_model
 
 
 @dataclass
 class DemoArguments:
-    """Settings of the embedded demo; the defaults finish in under a minute on 2 CPU cores."""
+    """Settings of the embedded demo (`trl-hpt demo --help` lists them); the defaults finish in under a minute on 2
+    CPU cores."""
 
-    output_dir: str = "trl-hpt-demo"
-    seed: int = 0
-    max_operand: int = 30
-    warmup_problems: int = 400
-    warmup_steps: int = 900
-    hpt_steps: int = 200
-    num_generations: int = 8
-    prompts_per_step: int = 8
-    learning_rate: float = 3e-3
-    hpt_learning_rate: float = 1e-3
-    eval_size: int = 80
-    feedback: str = "switch"
+    output_dir: str = field(default="trl-hpt-demo", metadata={"help": "Where the trainer writes its outputs."})
+    seed: int = field(default=0, metadata={"help": "Seed of the problem split, the model and the training."})
+    max_operand: int = field(default=30, metadata={"help": "Problems are a+b= for a, b < max_operand."})
+    warmup_problems: int = field(default=400, metadata={"help": "Problems of the warm-up SFT, before HPT."})
+    warmup_steps: int = field(default=900, metadata={"help": "Steps of the warm-up SFT (batches of 32)."})
+    hpt_steps: int = field(default=200, metadata={"help": "Optimizer steps of HPT."})
+    num_generations: int = field(default=8, metadata={"help": "Rollouts per prompt."})
+    prompts_per_step: int = field(default=8, metadata={"help": "Prompts per HPT step."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of the warm-up SFT."})
+    hpt_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of HPT."})
+    eval_size: int = field(default=80, metadata={"help": "Held-out problems, scored before and after HPT."})
+    feedback: str = field(
+        default="switch", metadata={"help": "HPT's feedback strategy, as HPTConfig.feedback (switch, soft, rl...)."}
+    )
 
 
 def split_problems(seed: int, max_operand: int, eval_size: int, warmup_problems: int):
@@ -278,11 +183,11 @@ def run_demo(args: DemoArguments | None = None) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Embedded HPT demo on a tiny model (CPU, no download).")
-    defaults = DemoArguments()
-    for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value)
-    run_demo(DemoArguments(**vars(parser.parse_args(argv))))
+    """`python -m trl_hpt.demo`: the same flags as `trl-hpt demo`."""
+    from trl_hpt.cli import make_parser
+
+    (args,) = make_parser("demo", prog="python -m trl_hpt.demo").parse_args_and_config(argv)
+    run_demo(args)
 
 
 if __name__ == "__main__":

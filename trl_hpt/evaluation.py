@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl_hpt.rewards import extract_final_answer, math_verify_reward
+from trl_hpt.rewards import BOXED_INSTRUCTION, extract_final_answer, math_verify_reward
 
 
 __all__ = [
@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 BENCHMARKS = ("AIME24", "AIME25", "AMC23", "MATH-500", "Minerva", "Olympiad-Bench", "GPQA")
 """The benchmarks shipped in `trl_hpt/benchmarks_data/`, in the order the paper reports them."""
 
-DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_PROMPT_SUFFIX = BOXED_INSTRUCTION
+"""The instruction appended to every problem: [`~trl_hpt.rewards.BOXED_INSTRUCTION`], as in the paper's evaluation."""
 
 DEFAULT_MAX_NEW_TOKENS = 8192
 """Completion length when none is given and the model runs on a GPU or vLLM: the paper's response length."""
@@ -217,7 +218,9 @@ def _generate_transformers(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
+    *,
     batch_size: int,
+    seed: int,
     add_special_tokens: bool,
     progress: dict | None = None,
 ) -> list[list[str]]:
@@ -225,7 +228,7 @@ def _generate_transformers(
     `num_samples` completions per prompt with batched `model.generate` (left padding; greedy at temperature 0).
 
     `progress`, when given, holds the keyword arguments of a `tqdm` bar over the samples (the problems done shown
-    beside it), advanced after every `generate` call.
+    beside it), advanced after every `generate` call. `seed` is unused: the caller has seeded torch.
     """
     import torch
     from tqdm.auto import tqdm
@@ -296,6 +299,8 @@ def _generate_vllm(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
+    *,
+    batch_size: int,
     seed: int,
     add_special_tokens: bool,
     progress: dict | None = None,
@@ -305,6 +310,7 @@ def _generate_vllm(
 
     With `progress`, vLLM's own progress bar is shown: one request is one problem with all its samples, so it counts
     problems (with vLLM's token throughput). A line naming the benchmark and the sample count comes first.
+    `batch_size` is unused: vLLM schedules the requests itself.
     """
     from vllm import SamplingParams
 
@@ -478,33 +484,22 @@ def evaluate(
         logger.info(f"{label}: generating {num_samples} sample(s) for {len(rows)} problems with {backend}.")
         # Looked up at each call, so that a redirected (or captured) stderr gets the bar.
         progress = None if disable_tqdm else {"desc": label, "file": sys.stderr}
-        # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's.
-        if backend == "vllm":
-            completions = _generate_vllm(
-                model,
-                tokenizer,
-                prompts,
-                num_samples,
-                temperature,
-                top_p,
-                max_new_tokens,
-                seed,
-                not chat,
-                progress=progress,
-            )
-        else:
-            completions = _generate_transformers(
-                model,
-                tokenizer,
-                prompts,
-                num_samples,
-                temperature,
-                top_p,
-                max_new_tokens,
-                batch_size,
-                not chat,
-                progress=progress,
-            )
+        # Chosen here rather than bound at import time, so that a replaced module function is the one called.
+        generate = _generate_vllm if backend == "vllm" else _generate_transformers
+        completions = generate(
+            model,
+            tokenizer,
+            prompts,
+            num_samples,
+            temperature,
+            top_p,
+            max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's.
+            add_special_tokens=not chat,
+            progress=progress,
+        )
         results["benchmarks"][label] = _score(rows, prompts, completions, ks, save_completions)
 
     scores = results["benchmarks"].values()

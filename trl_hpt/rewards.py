@@ -18,20 +18,26 @@ box is extracted first, and both sides are parsed as one boxed answer with the s
 
 import cmath
 import functools
+import importlib
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
 __all__ = [
+    "BOXED_INSTRUCTION",
     "REWARD_FUNCS",
+    "exact_match_reward",
     "extract_boxed",
     "extract_final_answer",
     "format_reward",
     "get_reward_funcs",
     "math_verify_reward",
 ]
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""The instruction that asks for a boxed final answer (Qwen2.5-Math's, used by LUFFY, HPT and their evaluations)."""
 
 # Answers longer than this are not handed to sympy: off the main thread math-verify runs without timeouts, and long
 # expressions are where sympy can stall. No benchmark answer shipped with the package comes close.
@@ -381,6 +387,23 @@ def format_reward(completions: Sequence[Any], **kwargs) -> list[float]:
     return [float(bool(extract_boxed(_completion_text(completion)))) for completion in completions]
 
 
+def exact_match_reward(completions: Sequence[Any], solution: Sequence[Any], **kwargs) -> list[float]:
+    """
+    1.0 when the completion, stripped, is exactly the solution (stripped), else 0.0: the verifier of toy tasks such as
+    the demo's sums, and of tests.
+
+    Args:
+        completions (`list[str]` or `list[list[dict[str, str]]]`):
+            Completions, as plain strings or as conversations (the last message's `content` is compared).
+        solution (`list`):
+            The expected answers, one per completion.
+
+    Returns:
+        `list[float]`: One reward per completion.
+    """
+    return [float(_completion_text(c).strip() == str(s).strip()) for c, s in zip(completions, solution)]
+
+
 REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "math_verify": math_verify_reward,
     "accuracy": math_verify_reward,
@@ -389,26 +412,39 @@ REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
 """Reward functions by name, for configuration files and the command line."""
 
 
-def get_reward_funcs(names: str | Sequence[str]) -> list[Callable[..., list[float | None]]]:
+def get_reward_funcs(
+    names: str | Sequence[str], registry: Mapping[str, Callable] | None = None
+) -> list[Callable[..., list[float | None]]]:
     """
-    Looks reward functions up by name in [`REWARD_FUNCS`].
+    Looks reward functions up by name in [`REWARD_FUNCS`], or imports them from dotted paths.
 
     Args:
         names (`str` or `list[str]`):
-            Reward names, e.g. `["math_verify", "format"]`. Case, and `-` versus `_`, do not matter.
+            Reward names, e.g. `["math_verify", "format"]` (case, and `-` versus `_`, do not matter), or dotted import
+            paths such as `my_module.my_reward`.
+        registry (`Mapping[str, Callable]`, *optional*):
+            The names to look up, with keys written in lower case and `_`; defaults to [`REWARD_FUNCS`].
 
     Returns:
         `list[Callable]`: The reward functions, in the order given.
 
     Raises:
-        `ValueError`: If a name is unknown; the message lists the valid names.
+        `ValueError`: If a name is neither known nor a dotted path; the message lists the valid names.
     """
+    registry = REWARD_FUNCS if registry is None else registry
     if isinstance(names, str):
         names = [names]
     funcs = []
     for name in names:
         key = str(name).strip().lower().replace("-", "_")
-        if key not in REWARD_FUNCS:
-            raise ValueError(f"Unknown reward function {name!r}. Valid names: {', '.join(sorted(REWARD_FUNCS))}.")
-        funcs.append(REWARD_FUNCS[key])
+        if key in registry:
+            funcs.append(registry[key])
+        elif "." in str(name):
+            module_name, attribute = str(name).rsplit(".", 1)
+            funcs.append(getattr(importlib.import_module(module_name), attribute))
+        else:
+            raise ValueError(
+                f"Unknown reward function {name!r}. Valid names: {', '.join(sorted(registry))}; or a dotted import "
+                "path such as `my_module.my_reward`."
+            )
     return funcs

@@ -28,6 +28,7 @@ from trl_hpt.estimator import get_preset, hybrid_loss, loss_type_denominator, on
 from trl_hpt.feedback import FeedbackFn, feedback_weights, prompt_accuracy, verifier_rewards
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
 from trl_hpt.model_card import complete_model_card, model_card_names
+from trl_hpt.models import resolve_model_init
 
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             args = HPTConfig(f"{model_name.split('/')[-1]}-HPT")
         elif not isinstance(args, HPTConfig):
             args = HPTConfig.from_grpo_config(args)
+        # A GGUF checkpoint (a .gguf path, or model_init_kwargs["gguf_file"]) becomes an ordinary, cached directory:
+        # TRL would load its config and tokenizer without the file, and a GGUF-loaded model neither trains nor saves.
+        model, args.model_init_kwargs = resolve_model_init(model, args.model_init_kwargs)
         if feedback_fn is not None and not callable(feedback_fn):
             raise TypeError(f"feedback_fn must be a callable P -> (alpha, beta), got {type(feedback_fn).__name__}.")
         self.feedback_fn = feedback_fn
@@ -137,8 +141,13 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         offline = get_preset(args.offline_loss)
         if offline.shaping_gamma is not None:
             offline = offline.replace(shaping_gamma=args.offline_shaping_gamma)
-        if args.offline_aggregation is not None:
-            offline = offline.replace(aggregation=args.offline_aggregation)
+        aggregation = args.offline_aggregation
+        if aggregation is None and (feedback_fn is not None or args.feedback != "sft"):
+            # With an RL term beside it, a separate token mean makes a demonstration token weigh 25-190 times a
+            # rollout token's (benchmarks/balance.py); reduced with the rollouts it weighs what one with A = 1 does.
+            aggregation = "loss_type"
+        if aggregation is not None:
+            offline = offline.replace(aggregation=aggregation)
         self.offline_spec = offline
         self._uses_demonstrations = feedback_fn is not None or args.feedback != "rl"
         # The policy term's reduction: TRL's loss_type, unless HPTConfig.rl_aggregation replaces it.
