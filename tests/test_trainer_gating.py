@@ -339,3 +339,27 @@ def test_default_offline_aggregation_depends_on_whether_an_rl_term_exists(
     )
     assert trainer.args.offline_aggregation is None
     assert trainer.offline_spec.aggregation == expected
+
+
+def test_gate_decision_is_a_pure_function_of_accuracy_and_demonstrations():
+    from trl_hpt.config import HPTConfig
+    from trl_hpt.feedback import STRATEGIES, decide_gate
+
+    # HPTConfig's choices are the registry's names.
+    assert HPTConfig.__dataclass_fields__["feedback"].metadata["choices"] == list(STRATEGIES)
+    accuracy = torch.tensor([0.0, 0.25, float("nan"), 1.0, 0.0])
+    has_demo = torch.tensor([True, True, True, True, False])
+    expected = {
+        "switch": ([0, 1, 1, 1, 1], [1, 0, 0, 0, 0]),
+        "linear": ([0, 0.25, 1, 1, 1], [1, 0.75, 0, 0, 0]),
+        "soft": ([1, 1, 1, 1, 1], [1, 1, 1, 1, 0]),
+        "rl": ([1, 1, 1, 1, 1], [0, 0, 0, 0, 0]),
+        "sft": ([0, 0, 0, 0, 1], [1, 1, 1, 1, 0]),  # a prompt without a demonstration is left to RL
+    }
+    for name, (alpha, beta) in expected.items():
+        decision = decide_gate(name, accuracy, has_demo)
+        assert decision.alpha.tolist() == pytest.approx(alpha), name
+        assert decision.beta.tolist() == pytest.approx(beta), name
+        assert decision.placed.tolist() == [b > 0 for b in beta], name
+    with pytest.raises(ValueError, match="Unknown feedback strategy 'sometimes'"):
+        decide_gate("sometimes", accuracy, has_demo)

@@ -5,9 +5,10 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig
 
 from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, RL_AGGREGATIONS, get_preset
+from trl_hpt.feedback import STRATEGIES
 
 
-FEEDBACK_STRATEGIES = ("switch", "soft", "linear", "rl", "sft")
+FEEDBACK_STRATEGIES = tuple(STRATEGIES)
 
 
 @dataclass

