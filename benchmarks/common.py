@@ -165,3 +165,28 @@ def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -
     path.parent.mkdir(parents=True, exist_ok=True)
     separators = (",", ":") if indent is None else None
     path.write_text(json.dumps(payload, indent=indent, separators=separators) + "\n")
+
+
+def shared_training_values(output_dir: str, learning_rate: float, steps: int, seed: int, device: str = "cpu") -> dict:
+    """
+    The `TrainingArguments` every method of a learning comparison shares, TRL's SFTTrainer and GRPOTrainer included:
+    AdamW at one constant learning rate, gradient clip 1.0, the same step budget, per-step logs, nothing saved.
+    """
+    return dict(
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        activation_checkpointing=False,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=False,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )

@@ -64,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     pass_at_k,
     setup_environment,
+    shared_training_values,
     write_json,
 )
 
@@ -332,24 +333,7 @@ class _History:
 
 def _trainer_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:
     """The `TrainingArguments` every method shares, TRL's SFTTrainer included: optimizer, schedule, budget, logging."""
-    return dict(
-        output_dir=output_dir,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        gradient_checkpointing=False,
-        max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    return shared_training_values(output_dir, settings.learning_rate, steps, seed)
 
 
 def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: int) -> dict:

@@ -111,6 +111,19 @@ def run_cli(*argv, timeout=600):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _greedy_answer(model, tokenizer, max_new_tokens: int) -> str:
+    """The model's greedy reply to `What is 2+3?` through its chat template, special tokens kept."""
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
 def test_converted_model_is_an_ordinary_checkpoint(smollm2_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -126,15 +139,7 @@ def test_converted_model_is_an_ordinary_checkpoint(smollm2_dir, tokenizer):
     assert getattr(model, "hf_quantizer", None) is None
     assert 134_000_000 < model.num_parameters() < 135_000_000
     # The pretrained weights and the template work together: greedy decoding answers a sum and stops at <|im_end|>.
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2+3?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+    answer = _greedy_answer(model, tokenizer, max_new_tokens=24)
     assert "5" in answer and answer.endswith("<|im_end|>"), answer
 
 
@@ -246,15 +251,7 @@ def test_two_hpt_steps_save_reload_and_card(smollm2_dir, use_lora, tmp_path):
     # The saved tokenizer keeps the chat template, so the trained model is used exactly like the original.
     saved_tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert saved_tokenizer.chat_template and saved_tokenizer.eos_token == "<|im_end|>"
-    inputs = saved_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2+3?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.no_grad():
-        output = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert output.shape[1] > inputs["input_ids"].shape[1]
+    assert _greedy_answer(reloaded, saved_tokenizer, max_new_tokens=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
