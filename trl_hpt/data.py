@@ -286,6 +286,7 @@ class DemonstrationStore:
             return {
                 "key": row_key(row["prompt"], row[self.column]),
                 "ids": demo.ids,
+                "present": demo.present,
                 "truncated": demo.truncated,
                 "tool_mask": demo.tool_mask,
             }
@@ -302,7 +303,8 @@ class DemonstrationStore:
             self._positions.setdefault(key, position)
         total = len(self._table)
         truncated = sum(self._table["truncated"])
-        missing = sum(1 for ids in self._table["ids"] if not ids)
+        # Counted from a flag column: reading the token ids back would load every demonstration into Python lists.
+        missing = total - self.num_present
         if truncated:
             logger.warning(
                 f"{truncated} of {total} demonstrations are longer than max_demonstration_length={self.max_length} "
@@ -317,7 +319,7 @@ class DemonstrationStore:
         """How many rows of the prepared dataset have a demonstration (None for an iterable dataset)."""
         if self._table is None:
             return None
-        return sum(1 for ids in self._table["ids"] if ids)
+        return sum(self._table["present"])
 
     def lookup(self, row: dict) -> Demonstration:
         """The prepared demonstration of a training row."""

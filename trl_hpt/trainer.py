@@ -261,8 +261,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         device = self.accelerator.device
         num_local, num_processes = len(inputs), self.accelerator.num_processes
         local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
-        group_of_row = torch.arange(num_local * num_processes, device=device) // num_generations
-        is_last_slot = torch.arange(num_local * num_processes, device=device) % num_generations == num_generations - 1
+        row = torch.arange(num_local * num_processes, device=device)
+        group_of_row, is_last_slot = row // num_generations, row % num_generations == num_generations - 1
 
         if demos is not None:
             # A truncated demonstration is dropped like a truncated rollout when the config masks those.
@@ -302,9 +302,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             return output  # feedback="rl": GRPOTrainer's batch, trained by GRPOTrainer's loss
 
         # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
-        mask = (
-            output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output["tool_mask"]
-        )
+        mask = _loss_mask(output)
         tokens = mask.sum(-1).float()
         separate = offline if self.offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
         local_counts = torch.stack([tokens[~separate].sum(), tokens[separate].sum(), (~separate).sum().float()])
@@ -317,8 +315,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         return output
 
     def _record_gate(self, demos, accuracy, alpha, beta, placed, num_generations):
-        index = [-1] * len(accuracy) if demos is None else None
-        if demos is not None:
+        if demos is None:
+            index = [-1] * len(accuracy)
+        else:
             local_index = torch.tensor([d.index for d in demos], device=accuracy.device)
             index = gather(local_index).view(-1, num_generations)[:, 0].tolist()
         if not self.accelerator.is_main_process:
@@ -449,9 +448,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         policy_denominator, token_mean_denominator = self._denominators(inputs, accumulation, training)
         inputs = _select_rows(inputs, self._rows_to_keep(inputs))
 
-        mask = (
-            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        )
+        mask = _loss_mask(inputs)
         offline, weights = inputs[_OFFLINE], inputs[_WEIGHT]
         online, trained = ~offline, weights > 0
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -520,9 +517,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         each is clamped at 1 before it is spread, as GRPOTrainer clamps its token count.
         """
         num_processes, steps = self.accelerator.num_processes, self.args.steps_per_generation
-        mask = (
-            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        )
+        mask = _loss_mask(inputs)
         separate = inputs[_OFFLINE] if self.offline_spec.aggregation == "token_mean" else None
         policy_mask = mask if separate is None else mask[~separate]
         num_rows = max(float(inputs[_POLICY_ROWS]), 1.0) / num_processes / (steps if training else 1)
@@ -617,6 +612,11 @@ _FORWARD_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+def _loss_mask(batch: dict) -> torch.Tensor:
+    """The tokens a loss counts: the completion mask, without tool output where the batch has a tool mask."""
+    return batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
 
 
 def _select_rows(inputs: dict, index: torch.Tensor | None) -> dict:
