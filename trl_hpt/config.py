@@ -1,5 +1,6 @@
 """Configuration of [`HPTTrainer`]."""
 
+import math
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
@@ -54,6 +55,12 @@ class HPTConfig(GRPOConfig):
         skip_grad_norm_above (`float`, *optional*):
             Skip the optimizer step (no parameter or optimizer-state update) when the gradient norm before clipping
             exceeds this or is not finite, as the paper's reference code does at 80. `None`: never skip.
+        solved_advantage (`float`, *optional*, defaults to `0.0`):
+            Advantage given to the correct rollouts of a solved prompt (every scored rollout correct, `P = 1`). Such a
+            group has advantage 0 under GRPO and gives no gradient, so nothing keeps what the model already solves;
+            with `c > 0` its rollouts train as SFT on the model's own correct answers with weight `c` (on-policy the
+            gradient of `c` times their log-likelihood; clipped like any rollout when reused). `0`: off, as in the
+            paper.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -133,6 +140,14 @@ class HPTConfig(GRPOConfig):
             "clipping exceeds this or is not finite, as the paper's reference code does at 80. None: never skip."
         },
     )
+    solved_advantage: float = field(
+        default=0.0,
+        metadata={
+            "help": "Advantage given to the correct rollouts of a solved prompt (P = 1: every scored rollout correct), "
+            "whose group otherwise has advantage 0 and no gradient: c > 0 trains them as SFT on the model's own "
+            "correct answers with weight c, so that what the model already solves is kept. 0: off (the paper)."
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -186,6 +201,10 @@ class HPTConfig(GRPOConfig):
             raise ValueError(
                 f"HPTConfig.switch_gate must be in [0, 1) (a prompt accuracy), got {self.switch_gate}. "
                 "0 sends a prompt to SFT only when none of its rollouts is correct."
+            )
+        if not (math.isfinite(self.solved_advantage) and self.solved_advantage >= 0):
+            raise ValueError(
+                f"HPTConfig.solved_advantage must be a finite number >= 0 (0 turns it off), got {self.solved_advantage}."
             )
         if self.sft_loss_coef < 0:
             raise ValueError(f"HPTConfig.sft_loss_coef must be >= 0, got {self.sft_loss_coef}.")

@@ -255,9 +255,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         self._metrics[mode]["hpt/prompt_accuracy"].append(accuracy.nanmean().nan_to_num(0.0).item())
         if mode == "eval":
             return output
-        return self._mix_demonstrations(output, inputs, demos, rewards_per_func, accuracy, num_generations)
+        return self._mix_demonstrations(output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations)
 
-    def _mix_demonstrations(self, output, inputs, demos, rewards_per_func, accuracy, num_generations):
+    def _mix_demonstrations(self, output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations):
         device = self.accelerator.device
         num_local, num_processes = len(inputs), self.accelerator.num_processes
         local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
@@ -286,8 +286,16 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         if self.offline_spec.advantage == "group_mixed" and bool(placed.any()):
             self._mixed_group_advantages(output, inputs, demos, offline_global, rewards_per_func, num_generations)
 
+        solved = accuracy == 1  # NaN (unknown) is not solved
+        if self.args.solved_advantage > 0 and bool(solved.any()):
+            # After any mixed-group recomputation, which would overwrite it. A rollout (never a demonstration) counts.
+            correct = torch.nan_to_num(verifier, nan=-math.inf) >= self.args.success_threshold
+            bonus = (solved[group_of_row] & correct & ~offline_global)[local]
+            output["advantages"] = output["advantages"] + self.args.solved_advantage * bonus.to(output["advantages"])
+
         self._record_gate(demos, accuracy, alpha, beta, placed, num_generations)
         metrics = self._metrics["train"]
+        metrics["hpt/solved_fraction"].append(solved.float().mean().item())
         metrics["hpt/sft_fraction"].append(placed.float().mean().item())
         metrics["hpt/rl_fraction"].append((alpha > 0).float().mean().item())
         metrics["hpt/no_demo_fraction"].append((~has_demo).float().mean().item())
