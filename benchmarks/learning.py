@@ -21,7 +21,9 @@ the completion tokens each method actually generated):
 - `luffy`: `feedback="soft", offline_loss="luffy"`; `srft`: `feedback="soft", offline_loss="srft"`;
 - `hpt`: `feedback="switch", switch_gate=0, offline_aggregation="token_mean"` (a separate token mean over the
   demonstrations, the default before 0.1); `hpt_lt`: the same with `offline_aggregation="loss_type"` (demonstration
-  tokens reduced with the rollout tokens, HPTConfig's default with any feedback but `sft`).
+  tokens reduced with the rollout tokens, HPTConfig's default with any feedback but `sft`); `hpt_solved`: `hpt_lt`
+  with `solved_advantage=1` (the correct rollouts of prompts solved every time train as SFT on the model's own answers,
+  so what the warm start solves is not forgotten).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
 `scale_rewards="none"`, no KL, one update per generation batch, `sft_loss_coef=1.0`), AdamW with one constant learning
@@ -79,6 +81,7 @@ METHODS = {
     "srft": "SRFT (`soft`, `srft`)",
     "hpt": 'HPT (`switch`, gate 0, `offline_aggregation="token_mean"`)',
     "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`, the default)',
+    "hpt_solved": 'HPT, `offline_aggregation="loss_type"`, `solved_advantage=1`',
 }
 
 # The HPTConfig fields of each method trained by HPTTrainer (the others: TRL's trainers, or a sequence of these).
@@ -89,6 +92,12 @@ HPT_FIELDS = {
     "srft": {"feedback": "soft", "offline_loss": "srft"},
     "hpt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "token_mean"},
     "hpt_lt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "loss_type"},
+    "hpt_solved": {
+        "feedback": "switch",
+        "switch_gate": 0.0,
+        "offline_aggregation": "loss_type",
+        "solved_advantage": 1.0,
+    },
 }
 
 
@@ -837,7 +846,7 @@ def main(argv=None) -> dict:
         )
     report["paired"] = {
         reference: paired_differences(report["results"], args.methods, reference)
-        for reference in ("hpt", "hpt_lt")
+        for reference in ("hpt", "hpt_lt", "hpt_solved")
         if reference in args.methods and len(args.methods) > 1
     }
     report["seconds"] = time.time() - start
