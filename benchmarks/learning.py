@@ -120,6 +120,9 @@ class LearningSettings:
     warm_start_size: int = 400
     warmup_lr: float = 2e-3
     warmup_batch: int = 32
+    # "plain": demonstrations are the answer as the warm-started model writes it ("72"). "spaced": its digits with a
+    # space between ("7 2"), a style the model never wrote; the verifier accepts both.
+    demonstration_style: str = "plain"
     # Post-training (the same for every method)
     steps: int = 300
     prompts_per_step: int = 8
@@ -187,18 +190,30 @@ def warm_start_problems(split: dict, settings: LearningSettings) -> list[tuple[i
     raise ValueError(f"warm_start_set must be 'no_carry' or 'sample', got {settings.warm_start_set!r}")
 
 
-def task_rows(pairs, max_operand: int = 50) -> list[dict]:
+def task_rows(pairs, max_operand: int = 50, style: str = "plain") -> list[dict]:
     """Prompt / demonstration (`completion`) / `solution` rows: the format HPTTrainer and SFTTrainer both read."""
+    if style not in ("plain", "spaced"):
+        raise ValueError(f"demonstration_style must be 'plain' or 'spaced', got {style!r}")
     rows = []
     for a, b in pairs:
         answer = answer_text(a, b, max_operand)
-        rows.append({"prompt": prompt_text(a, b), "completion": answer, "solution": answer})
+        demonstration = answer if style == "plain" else " ".join(answer)
+        rows.append({"prompt": prompt_text(a, b), "completion": demonstration, "solution": answer})
     return rows
 
 
 def exact_match(completions, solution, **kwargs) -> list[float]:
     """Verifier: 1.0 when the completion is exactly the answer."""
     return [float(str(c).strip() == str(s)) for c, s in zip(completions, solution)]
+
+
+def digits_match(completions, solution, **kwargs) -> list[float]:
+    """Verifier of the `"spaced"` task: 1.0 when the completion's characters but spaces are exactly the answer."""
+    return [float(str(c).replace(" ", "") == str(s)) for c, s in zip(completions, solution)]
+
+
+def task_reward(settings: LearningSettings):
+    return digits_match if settings.demonstration_style == "spaced" else exact_match
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -255,7 +270,8 @@ def _generate(model, tokenizer, pairs, max_new_tokens: int, **kwargs) -> list[st
 
 def greedy_correct(model, tokenizer, pairs, settings: LearningSettings) -> list[bool]:
     texts = _generate(model, tokenizer, pairs, settings.max_completion_length, do_sample=False)
-    return [t.strip() == answer_text(a, b, settings.max_operand) for t, (a, b) in zip(texts, pairs)]
+    reward = task_reward(settings)
+    return [bool(r) for r in reward(texts, [answer_text(a, b, settings.max_operand) for a, b in pairs])]
 
 
 def sampled_correct_counts(model, tokenizer, pairs, settings: LearningSettings, seed: int) -> list[int]:
@@ -275,10 +291,10 @@ def sampled_correct_counts(model, tokenizer, pairs, settings: LearningSettings, 
         top_p=1.0,
         num_return_sequences=n,
     )
-    return [
-        sum(texts[i * n + j].strip() == answer_text(a, b, settings.max_operand) for j in range(n))
-        for i, (a, b) in enumerate(pairs)
-    ]
+    rewards = task_reward(settings)(
+        texts, [answer_text(a, b, settings.max_operand) for a, b in pairs for _ in range(n)]
+    )
+    return [int(sum(rewards[i * n : (i + 1) * n])) for i in range(len(pairs))]
 
 
 def evaluate(model, tokenizer, pairs, settings: LearningSettings, seed: int) -> dict:
@@ -369,7 +385,7 @@ def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo
         if trl_grpo:
             trainer = GRPOTrainer(
                 model=model,
-                reward_funcs=exact_match,
+                reward_funcs=task_reward(settings),
                 args=GRPOConfig(**values),
                 train_dataset=dataset.remove_columns("completion"),
                 processing_class=tokenizer,
@@ -378,7 +394,7 @@ def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo
         else:
             trainer = HPTTrainer(
                 model=model,
-                reward_funcs=exact_match,
+                reward_funcs=task_reward(settings),
                 args=HPTConfig(sft_loss_coef=settings.sft_loss_coef, **hpt_fields, **values),
                 train_dataset=dataset,
                 processing_class=tokenizer,
@@ -462,7 +478,7 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
             values["per_device_train_batch_size"] = len(chosen) * settings.num_generations
             trainer = HPTTrainer(
                 model=copy.deepcopy(model),
-                reward_funcs=exact_match,
+                reward_funcs=task_reward(settings),
                 args=HPTConfig(sft_loss_coef=settings.sft_loss_coef, **fields, **values),
                 train_dataset=chosen,
                 processing_class=tokenizer,
@@ -530,7 +546,7 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
 
     tokenizer = build_char_tokenizer(chat_template=False)
     split = task_split(settings.max_operand, settings.held_out)
-    dataset = Dataset.from_list(task_rows(split["train"], settings.max_operand))
+    dataset = Dataset.from_list(task_rows(split["train"], settings.max_operand, settings.demonstration_style))
     held_out = split["held_out"]
     results = {"split": {k: len(v) for k, v in split.items()}, "seeds": {}}
     results["split"]["held_out_with_carry"] = sum(has_carry(*p) for p in held_out)
@@ -608,7 +624,13 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"Machine: {machine_line(report['machine'])}. Whole run: {report['seconds'] / 60:.1f} min.",
         "",
-        f"Task: `aa+bb=` -> `cc`, a, b in [0, {settings['max_operand']}); {split['train']} post-training prompts, "
+        f"Task: `aa+bb=` -> `cc`, a, b in [0, {settings['max_operand']}); "
+        + (
+            "demonstrations in a style the model never wrote (`c c`, digits spaced; the verifier accepts both); "
+            if settings.get("demonstration_style", "plain") == "spaced"
+            else ""
+        )
+        + f"{split['train']} post-training prompts, "
         f"{split['held_out']} held-out ({split['held_out_with_carry']} with a carry). Model: Qwen2-style, hidden "
         f"{settings['hidden_size']}, {settings['num_layers']} layers, warm-started {settings['warmup_steps']} steps "
         f"(lr {settings['warmup_lr']}, batch {settings['warmup_batch']}) on "

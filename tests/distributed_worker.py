@@ -157,14 +157,17 @@ def record_steps(trainer) -> list[dict]:
     original_record = trainer._record_gate
     original_mix = trainer._mix_demonstrations
 
-    def _record_gate(demos, accuracy, alpha, beta, placed, num_generations):
+    def _record_gate(demos, accuracy, decision, num_generations):
         pending.update(
-            accuracy=accuracy.tolist(), alpha=alpha.tolist(), beta=beta.tolist(), placed=placed.bool().tolist()
+            accuracy=accuracy.tolist(),
+            alpha=decision.alpha.tolist(),
+            beta=decision.beta.tolist(),
+            placed=decision.placed.bool().tolist(),
         )
-        return original_record(demos, accuracy, alpha, beta, placed, num_generations)
+        return original_record(demos, accuracy, decision, num_generations)
 
-    def _mix_demonstrations(output, inputs, demos, rewards_per_func, accuracy, num_generations):
-        output = original_mix(output, inputs, demos, rewards_per_func, accuracy, num_generations)
+    def _mix_demonstrations(output, inputs, demos, *args):
+        output = original_mix(output, inputs, demos, *args)
         mask = output["completion_mask"]
         # A batch with nothing of HPT's in it is GRPOTrainer's own, without the HPT keys.
         plain = {"hpt_offline": torch.zeros(mask.size(0), dtype=torch.bool), "hpt_weight": torch.ones(mask.size(0))}

@@ -139,6 +139,26 @@ class EstimatorSpec:
         """Whether the spec reads `pi_old` (ratio-based references)."""
         return self.reference in ("rollout", "sequence")
 
+    @property
+    def reads_advantages(self) -> bool:
+        """Whether rows of this spec are weighted by an advantage (all but SFT-like specs, which use `A = 1`)."""
+        return self.advantage != "one"
+
+    @property
+    def mixes_group(self) -> bool:
+        """Whether a demonstration of this spec is scored and joins its rollouts' advantage statistics (LUFFY, SRFT)."""
+        return self.advantage == "group_mixed"
+
+    @property
+    def separate_term(self) -> bool:
+        """Whether rows of this spec form their own token-mean term instead of being reduced with the rollouts."""
+        return self.aggregation == "token_mean"
+
+    @property
+    def clips(self) -> bool:
+        """Whether the stabilization is PPO's clip (GRPOTrainer then logs clip ratios)."""
+        return self.stabilization == "clip"
+
     def replace(self, **changes: Any) -> EstimatorSpec:
         """Returns a copy with some components changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -168,6 +188,8 @@ class EstimatorSpec:
         )
 
 
+# The paper's table as data. HPTTrainer reads the offline presets (OFFLINE_PRESETS) and, through loss_type, grpo /
+# cispo / sapo / vespo; reinforce, ppo (equal to grpo without a critic), dr_grpo and gspo are for direct use.
 PRESETS: dict[str, EstimatorSpec] = {
     spec.name: spec
     for spec in (
@@ -325,7 +347,11 @@ def per_token_policy_loss(
 def clip_fractions(
     spec: EstimatorSpec, ratio: torch.Tensor, advantages: torch.Tensor
 ) -> dict[str, torch.Tensor] | None:
-    """Boolean masks of the tokens the stabilization cut off (for logging), shaped like `ratio`."""
+    """
+    Boolean masks of the tokens the stabilization cut off (for logging), shaped like `ratio`: `low`, `high` and
+    `region` for `"clip"` (count a `delta`-capped ratio by passing it capped, as GRPOTrainer does), `cispo` for
+    `"cispo"`, `None` for the others.
+    """
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     if spec.stabilization == "clip":
         low = (ratio < 1 - spec.epsilon_low) & (adv < 0)
@@ -534,6 +560,29 @@ def token_mean_loss(
     return per_row.sum() / (denominator if denominator > 0 else 1.0)
 
 
+class BatchCounts(NamedTuple):
+    """What a hybrid batch's terms normalise by, counted over the whole generation batch (every process)."""
+
+    policy_tokens: torch.Tensor  # tokens reduced by the policy term (rollouts, and demonstrations reduced with them)
+    separate_tokens: torch.Tensor  # demonstration tokens of the separate token-mean term
+    policy_rows: torch.Tensor  # rows of the policy term
+
+
+def batch_counts(mask: torch.Tensor, offline: torch.Tensor, offline_spec: EstimatorSpec, reduce=None) -> BatchCounts:
+    """
+    The token and row counts of the two terms of [`hybrid_loss`] for one process's rows, summed over processes by
+    `reduce` (a sum across processes; `None` on one process). Rows of weight zero count: skipping them in the loss
+    pass must not change what the others are divided by.
+    """
+    tokens = mask.sum(-1).float()
+    offline = offline.bool()
+    separate = offline if offline_spec.separate_term else torch.zeros_like(offline)
+    counts = torch.stack([tokens[~separate].sum(), tokens[separate].sum(), (~separate).sum().float()])
+    if reduce is not None:
+        counts = reduce(counts)
+    return BatchCounts(*counts)
+
+
 class HybridLoss(NamedTuple):
     """Output of [`hybrid_loss`]: the total, its two terms (detached, for logging) and the per-token loss."""
 
@@ -623,7 +672,7 @@ def hybrid_loss(
         per_token = torch.where(online, per_token + online_token_bias, per_token)
 
     row_weights = torch.where(offline, weights * offline_coef, weights).to(per_token.dtype)
-    separate = offline if offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
+    separate = offline if offline_spec.separate_term else torch.zeros_like(offline)
     zero = per_token.new_zeros(())
     policy_rows = ~separate
     policy = zero

@@ -18,13 +18,11 @@ import torch
 from accelerate.utils import gather
 from trl.trainer.utils import nanmax, nanmin, nanstd
 
-from trl_hpt.estimator import group_advantages
+from trl_hpt.estimator import clip_fractions, group_advantages
 
 
 # Mirrored from this TRL minor series (the trainer refuses any other).
 MIRRORED_TRL = "1.16"
-# Loss types whose per-token loss is the PPO clip, for which GRPOTrainer logs clip ratios.
-CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # Loss types whose GRPOTrainer loss is already divided by the accumulation steps inside its token normaliser.
 GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
 
@@ -204,12 +202,10 @@ class GRPOLossMirror:
             metrics["kl"].append(self._global_mean(step.per_token_kl, rl_mask, rl_rows))
         metrics["entropy"].append(self._global_mean(step.entropies, step.active, step.active.sum(-1) > 0))
         ratio, advantages = step.ratio, step.advantages
-        if self.loss_type in CLIP_LOSS_TYPES:
+        if self.online_spec.clips:
             if self.args.delta is not None:
                 ratio = torch.clamp(ratio, max=self.args.delta)  # GRPOTrainer counts clipping on the capped ratio
-            low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-            high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-            fractions = {"low": low.float(), "high": high.float(), "region": (low | high).float()}
+            fractions = {k: v.float() for k, v in clip_fractions(self.online_spec, ratio, advantages).items()}
             for name, values in fractions.items():
                 metrics[f"clip_ratio/{name}_mean"].append(self._global_mean(values, rl_mask, rl_rows))
             # Per-sequence extremes; a rank whose rollouts were all skipped sends NaN, which nanmin/nanmax ignore.
@@ -223,8 +219,8 @@ class GRPOLossMirror:
                     per_seq = (values * per_seq_mask).sum(-1) / per_seq_mask.sum(-1).clamp(min=1.0)
                 local = getattr(per_seq[rows], extreme)() if bool(rows.any()) else per_seq.new_tensor(float("nan"))
                 metrics[f"clip_ratio/{name}_{extreme}"].append(reducer(gather(local.reshape(1))).item())
-        elif self.loss_type == "cispo":
-            clipped = ((ratio > self.epsilon_high) & (advantages > 0)).float()
+        elif self.online_spec.stabilization == "cispo":
+            clipped = clip_fractions(self.online_spec, ratio, advantages)["cispo"].float()
             metrics["cispo_clip_ratio"].append(self._global_mean(clipped, rl_mask, rl_rows))
         elif self.loss_type == "vespo":
             metrics["vespo/phi_seq_mean"].append(self._global_mean(step.phi, rl_mask, rl_rows))

@@ -24,7 +24,13 @@ from trl_hpt.data import (
     demonstration_messages,
     demonstration_text,
 )
-from trl_hpt.estimator import get_preset, hybrid_loss, loss_type_denominator, online_spec_from_grpo_config
+from trl_hpt.estimator import (
+    batch_counts,
+    get_preset,
+    hybrid_loss,
+    loss_type_denominator,
+    online_spec_from_grpo_config,
+)
 from trl_hpt.feedback import FeedbackFn, decide_gate, prompt_accuracy, verifier_rewards
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
 from trl_hpt.model_card import complete_model_card, model_card_names
@@ -192,7 +198,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
                 "HPTConfig.skip_grad_norm_above is not supported with DeepSpeed, whose engine owns the gradients and "
                 "the optimizer step; use FSDP or DDP, or leave it None."
             )
-        if self.offline_spec.advantage == "group_mixed" and self.environment_factories is not None:
+        if self.offline_spec.mixes_group and self.environment_factories is not None:
             raise ValueError(
                 f"HPTConfig.offline_loss={args.offline_loss!r} scores each demonstration with the reward functions, "
                 "but with environments a reward reads the state of the environment a rollout ran in, which a "
@@ -258,34 +264,25 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         return self._mix_demonstrations(output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations)
 
     def _mix_demonstrations(self, output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations):
-        device = self.accelerator.device
+        """The gate of one generation batch: decide each prompt's weights, place demonstrations, log the decision."""
         num_local, num_processes = len(inputs), self.accelerator.num_processes
         local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
-        row = torch.arange(num_local * num_processes, device=device)
+        row = torch.arange(num_local * num_processes, device=self.accelerator.device)
         group_of_row, is_last_slot = row // num_generations, row % num_generations == num_generations - 1
 
-        if demos is not None:
-            # A truncated demonstration is dropped like a truncated rollout when the config masks those.
-            drop_truncated = self.mask_truncated_completions
-            usable = [d.present and not (drop_truncated and d.truncated) for d in demos]
-            flags = torch.tensor([[u, d.truncated] for u, d in zip(usable, demos)], device=device)
-            flags = gather(flags).view(-1, num_generations, 2)[:, -1]
-            has_demo, truncated = flags[:, 0], flags[:, 1]
-        else:
-            has_demo = torch.zeros_like(accuracy, dtype=torch.bool)
-            truncated = has_demo
-
+        # Decide
+        has_demo, truncated = self._demonstration_flags(demos, accuracy, num_generations)
         strategy = self.feedback_fn if self.feedback_fn is not None else self.args.feedback
-        alpha, beta, placed = decide_gate(strategy, accuracy, has_demo, self.args.switch_gate)
-        offline_global = is_last_slot & placed[group_of_row]
+        decision = decide_gate(strategy, accuracy, has_demo, self.args.switch_gate)
+        offline_global = is_last_slot & decision.placed[group_of_row]
         offline = offline_global[local]
-        weights = torch.where(offline, beta[group_of_row[local]], alpha[group_of_row[local]]).float()
+        weights = torch.where(offline, decision.beta[group_of_row[local]], decision.alpha[group_of_row[local]]).float()
 
+        # Place
         if bool(offline.any()):
             self._swap_in_demonstrations(output, offline, demos)
-        if self.offline_spec.advantage == "group_mixed" and bool(placed.any()):
+        if self.offline_spec.mixes_group and bool(decision.placed.any()):
             self._mixed_group_advantages(output, inputs, demos, offline_global, rewards_per_func, num_generations)
-
         solved = accuracy == 1  # NaN (unknown) is not solved
         if self.args.solved_advantage > 0 and bool(solved.any()):
             # After any mixed-group recomputation, which would overwrite it. A rollout (never a demonstration) counts.
@@ -293,36 +290,36 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             bonus = (solved[group_of_row] & correct & ~offline_global)[local]
             output["advantages"] = output["advantages"] + self.args.solved_advantage * bonus.to(output["advantages"])
 
-        self._record_gate(demos, accuracy, alpha, beta, placed, num_generations)
-        metrics = self._metrics["train"]
-        metrics["hpt/solved_fraction"].append(solved.float().mean().item())
-        metrics["hpt/sft_fraction"].append(placed.float().mean().item())
-        metrics["hpt/rl_fraction"].append((alpha > 0).float().mean().item())
-        metrics["hpt/no_demo_fraction"].append((~has_demo).float().mean().item())
-        metrics["hpt/unscored_fraction"].append(torch.isnan(accuracy).float().mean().item())
-        metrics["hpt/demo_truncated_fraction"].append(
-            (truncated & placed).float().sum().item() / max(int(placed.sum()), 1)
-        )
-        global_weights = gather(weights)
-        metrics["hpt/skipped_rows"].append((global_weights == 0).float().mean().item())
-        metrics["hpt/num_prompts"].append(float(accuracy.numel()))
+        # Log
+        self._record_gate(demos, accuracy, decision, num_generations)
+        self._log_gate_metrics(accuracy, decision, has_demo, truncated, solved, weights)
+
         if self._delegate_plain_batches and not self._uses_demonstrations and self.args.rl_aggregation is None:
             return output  # feedback="rl": GRPOTrainer's batch, trained by GRPOTrainer's loss
-
         # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
-        mask = _loss_mask(output)
-        tokens = mask.sum(-1).float()
-        separate = offline if self.offline_spec.aggregation == "token_mean" else torch.zeros_like(offline)
-        local_counts = torch.stack([tokens[~separate].sum(), tokens[separate].sum(), (~separate).sum().float()])
-        global_counts = self.accelerator.reduce(local_counts, reduction="sum")
-        output["num_items_in_batch"] = global_counts[0]
-        output[_TOKEN_MEAN_TOKENS] = global_counts[1]
-        output[_POLICY_ROWS] = global_counts[2]
+        counts = batch_counts(
+            _loss_mask(output), offline, self.offline_spec, lambda t: self.accelerator.reduce(t, reduction="sum")
+        )
+        output["num_items_in_batch"] = counts.policy_tokens
+        output[_TOKEN_MEAN_TOKENS] = counts.separate_tokens
+        output[_POLICY_ROWS] = counts.policy_rows
         output[_OFFLINE] = offline
         output[_WEIGHT] = weights
         return output
 
-    def _record_gate(self, demos, accuracy, alpha, beta, placed, num_generations):
+    def _demonstration_flags(self, demos, accuracy, num_generations) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per prompt of the whole batch: whether it has a usable demonstration, and whether that was truncated."""
+        if demos is None:
+            none = torch.zeros_like(accuracy, dtype=torch.bool)
+            return none, none
+        # A truncated demonstration is dropped like a truncated rollout when the config masks those.
+        drop_truncated = self.mask_truncated_completions
+        usable = [d.present and not (drop_truncated and d.truncated) for d in demos]
+        flags = torch.tensor([[u, d.truncated] for u, d in zip(usable, demos)], device=accuracy.device)
+        flags = gather(flags).view(-1, num_generations, 2)[:, -1]
+        return flags[:, 0], flags[:, 1]
+
+    def _record_gate(self, demos, accuracy, decision, num_generations):
         if demos is None:
             index = [-1] * len(accuracy)
         else:
@@ -331,11 +328,28 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         if not self.accelerator.is_main_process:
             return
         step = self.state.global_step
-        for i, p, a, b, sft in zip(index, accuracy.tolist(), alpha.tolist(), beta.tolist(), placed.tolist()):
+        records = zip(
+            index, accuracy.tolist(), decision.alpha.tolist(), decision.beta.tolist(), decision.placed.tolist()
+        )
+        for i, p, a, b, sft in records:
             p = None if p != p else p  # NaN (no rollout scored) is written as null
             self.gate_history.append(
                 {"step": step, "prompt_index": i, "accuracy": p, "alpha": a, "beta": b, "sft": bool(sft)}
             )
+
+    def _log_gate_metrics(self, accuracy, decision, has_demo, truncated, solved, weights):
+        metrics = self._metrics["train"]
+        placed = decision.placed
+        metrics["hpt/solved_fraction"].append(solved.float().mean().item())
+        metrics["hpt/sft_fraction"].append(placed.float().mean().item())
+        metrics["hpt/rl_fraction"].append((decision.alpha > 0).float().mean().item())
+        metrics["hpt/no_demo_fraction"].append((~has_demo).float().mean().item())
+        metrics["hpt/unscored_fraction"].append(torch.isnan(accuracy).float().mean().item())
+        metrics["hpt/demo_truncated_fraction"].append(
+            (truncated & placed).float().sum().item() / max(int(placed.sum()), 1)
+        )
+        metrics["hpt/skipped_rows"].append((gather(weights) == 0).float().mean().item())
+        metrics["hpt/num_prompts"].append(float(accuracy.numel()))
 
     def _swap_in_demonstrations(self, output, offline, demos: list[Demonstration]):
         """Writes each placed demonstration into its row: completion tokens, mask, and neutral per-token extras."""
@@ -361,7 +375,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             for key in _PROMPT_COMPLETION_KEYS:
                 if prompt_width is not None and isinstance(output.get(key), torch.Tensor):
                     output[key][i, prompt_width:] = 0  # a demonstration is text
-        if "advantages" in output and self.offline_spec.advantage == "one":
+        if "advantages" in output and not self.offline_spec.reads_advantages:
             output["advantages"] = torch.where(offline, torch.ones_like(output["advantages"]), output["advantages"])
 
     def _pad_completion_width(self, output, width):
@@ -526,7 +540,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         """
         num_processes, steps = self.accelerator.num_processes, self.args.steps_per_generation
         mask = _loss_mask(inputs)
-        separate = inputs[_OFFLINE] if self.offline_spec.aggregation == "token_mean" else None
+        separate = inputs[_OFFLINE] if self.offline_spec.separate_term else None
         policy_mask = mask if separate is None else mask[~separate]
         num_rows = max(float(inputs[_POLICY_ROWS]), 1.0) / num_processes / (steps if training else 1)
         policy = loss_type_denominator(
@@ -586,7 +600,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         # averages the ranks, those without such rows included: the trained loss is the sum over ranks / processes.
         totals = reduce(terms, "sum") / self.accelerator.num_processes
         metrics["hpt/rl_loss"].append(totals[0].item())
-        if self.offline_spec.aggregation == "token_mean":
+        if self.offline_spec.separate_term:
             metrics["hpt/sft_loss"].append(totals[1].item())
         else:
             offline_mask = step.mask * step.offline.unsqueeze(1)
