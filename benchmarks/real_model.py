@@ -35,7 +35,10 @@ over the run's steps); HPT minus each method, paired by seed.
 Usage:
 
     python benchmarks/real_model.py --quick --out-dir /tmp/real_model   # smoke test, a few minutes on 1 CPU thread
-    python benchmarks/real_model.py                  # default size: 2 seeds, about 2 hours on 2 shared CPU cores
+    python benchmarks/real_model.py                  # default size: 2 seeds, about 2.5 hours on one CPU core
+    python benchmarks/real_model.py --seed-list 0 --out-dir /tmp/rm/a &  # the same on 2 cores, one seed each
+    python benchmarks/real_model.py --seed-list 1 --out-dir /tmp/rm/b; wait
+    python benchmarks/real_model.py --report /tmp/rm/a/real_model.json /tmp/rm/b/real_model.json --out-dir /tmp/rm
     python benchmarks/real_model.py --device cuda    # more steps, seeds and evaluation problems on a GPU
 """
 
@@ -109,7 +112,7 @@ HPT_FIELDS = {
 class RealModelSettings:
     """Every knob of the benchmark; `quick()` and `cuda()` rescale it."""
 
-    seeds: int = 3
+    seeds: int = 2
     # Task sizes (problems); the test split is the held-out evaluation, validation the base-competence probe.
     train_size: int = 256
     validation_size: int = 16
@@ -638,7 +641,7 @@ def render_markdown(report: dict) -> str:
         f"`{example['solution']}`. Every method: {settings['steps']} optimizer steps, {settings['prompts_per_step']} "
         f"prompts per step ({settings['num_generations']} rollouts each, up to {settings['max_completion_length']} "
         f"tokens, temperature {settings['temperature']}), AdamW lr {settings['learning_rate']} constant. "
-        f"{settings['seeds']} seed(s), mean +- std over seeds.",
+        f"{settings['seeds']} seed(s) ({', '.join(str(k) for k in results['seeds'])}), mean +- std over seeds.",
         "",
         f"Base model on the {competence['problems']} validation problems: greedy accuracy "
         f"{100 * competence['greedy']:.0f}%; with {competence['samples_per_problem']} rollouts each, "
@@ -823,9 +826,14 @@ def merge_reports(reports: list[dict]) -> dict:
             raise ValueError(f"seeds {sorted(overlap)} appear in more than one run")
         merged["results"]["seeds"].update(report["results"]["seeds"])
     merged["settings"]["seeds"] = len(merged["results"]["seeds"])
-    merged["seconds"] = max(r["seconds"] for r in reports)
+    # A run stopped part-way has only its partial file (no total): its methods' own times then.
+    merged["seconds"] = max(r.get("seconds") or _measured_seconds(r) for r in reports)
     merged["processes"] = len(reports)
     return merged
+
+
+def _measured_seconds(report: dict) -> float:
+    return sum(record["seconds"] for seed in report["results"]["seeds"].values() for record in seed.values())
 
 
 def write_report(report: dict, out_dir: Path) -> dict:

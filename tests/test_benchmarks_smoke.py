@@ -118,3 +118,31 @@ def test_learning_quick_writes_its_outputs(tmp_path):
     }
     assert set(report["paired"]) == {"hpt", "hpt_lt"}
     assert "HPT" in (tmp_path / "learning.md").read_text()
+
+
+def _real_model_report(seeds, seconds=None, steps=20):
+    record = {"seconds": 10.0, "step_seconds": [1.0], "logs": [], "final": {"greedy": 0.5}}
+    report = {
+        "methods": ["sft"],
+        "model_dir": "m",
+        "device": "cpu",
+        "quick": False,
+        "settings": {"seeds": len(seeds), "steps": steps},
+        "results": {"seeds": {str(s): {"sft": dict(record)} for s in seeds}},
+    }
+    if seconds is not None:
+        report["seconds"] = seconds
+    return report
+
+
+def test_real_model_reports_of_disjoint_seeds_merge():
+    from benchmarks.real_model import merge_reports
+
+    merged = merge_reports([_real_model_report([0], seconds=100.0), _real_model_report([2])])
+    assert sorted(merged["results"]["seeds"]) == ["0", "2"]
+    assert merged["settings"]["seeds"] == 2 and merged["processes"] == 2
+    assert merged["seconds"] == 100.0  # the partial run's own methods took 10 s
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_reports([_real_model_report([0]), _real_model_report([0])])
+    with pytest.raises(ValueError, match="different settings"):
+        merge_reports([_real_model_report([0]), _real_model_report([1], steps=5)])
