@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -521,9 +522,19 @@ def load_model(model_dir: str, device: str):
 
 
 def run(
-    settings: RealModelSettings, methods: list[str], model_dir: str, device: str, seeds=None, checkpoint=None
+    settings: RealModelSettings,
+    methods: list[str],
+    model_dir: str,
+    device: str,
+    seeds=None,
+    checkpoint=None,
+    base_results: dict | None = None,
 ) -> dict:
-    """Every method on every seed; `checkpoint(results)`, if given, is called after each method's run."""
+    """
+    Every method on every seed; `checkpoint(results)`, if given, is called after each method's run. `base_results`
+    (the `results` of an earlier run with the same settings) supplies the base model's measurements, which are
+    deterministic, instead of measuring them again.
+    """
     from datasets import Dataset
 
     sizes = {"train": settings.train_size, "validation": settings.validation_size, "test": settings.test_size}
@@ -540,10 +551,14 @@ def run(
         "kl_reference_answers": reference["answers"],
         "seeds": {},
     }
-    results["base_competence"] = base_competence(base_model, tokenizer, split, settings)
+    if base_results is not None:
+        results["base_competence"], results["base"] = base_results["base_competence"], base_results["base"]
+    else:
+        results["base_competence"] = base_competence(base_model, tokenizer, split, settings)
     print(f"[real_model] base competence on validation ({time.time() - start:.0f}s): {_brief_competence(results)}")
     start = time.time()
-    results["base"] = evaluate(base_model, tokenizer, split, retention, reference, settings, seed=1000)
+    if base_results is None:
+        results["base"] = evaluate(base_model, tokenizer, split, retention, reference, settings, seed=1000)
     print(f"[real_model] base model ({time.time() - start:.0f}s): {_brief(results['base'], settings)}", flush=True)
 
     for seed in range(settings.seeds) if seeds is None else seeds:
@@ -718,6 +733,11 @@ def main(argv=None) -> dict:
         help="run exactly these seeds (to share the seeds of one comparison among processes; merge with --report)",
     )
     parser.add_argument(
+        "--base-from",
+        metavar="JSON",
+        help="reuse the base model's measurements from this real_model(.partial).json of the same settings",
+    )
+    parser.add_argument(
         "--report",
         nargs="+",
         metavar="JSON",
@@ -779,6 +799,13 @@ def main(argv=None) -> dict:
     print(f"[real_model] {machine_line(report['machine'])}", flush=True)
     # Written after every method, so that a run stopped part-way keeps what it measured.
     partial = out_dir / "real_model.partial.json"
+    base_results = None
+    if args.base_from:
+        earlier = read_json(Path(args.base_from))
+        ours = json.loads(json.dumps(report["settings"]))  # tuples as JSON lists, as in the file
+        if earlier["settings"] | {"seeds": 0} != ours | {"seeds": 0}:
+            raise ValueError(f"--base-from {args.base_from}: its settings differ from this run's")
+        base_results = earlier["results"]
     report["results"] = run(
         settings,
         args.methods,
@@ -786,6 +813,7 @@ def main(argv=None) -> dict:
         args.device,
         seeds=args.seed_list,
         checkpoint=lambda results: write_json(partial, {**report, "results": results}),
+        base_results=base_results,
     )
     report["seconds"] = time.time() - start
     return write_report(report, out_dir)
@@ -805,27 +833,37 @@ def summarize(report: dict) -> dict:
 
 def merge_reports(reports: list[dict]) -> dict:
     """
-    One report from runs of the same configuration on disjoint seeds (run side by side, one per process).
+    One report from runs of the same configuration on disjoint seeds, or on disjoint methods of the same seeds (run
+    side by side, one per process; a run stopped part-way contributes its partial file).
 
-    The settings (but for the number of seeds), methods and model must agree; the base model's evaluation is
-    deterministic and taken from the first. `seconds` is the longest run's (they ran side by side).
+    The settings (but for the number of seeds), model and device must agree; the base model's evaluation is
+    deterministic and taken from the first. A method measured twice for the same seed is an error; a seed that lacks
+    some method is left out, so that every reported seed pairs every method. `seconds` is the longest run's.
     """
     first = reports[0]
     for other in reports[1:]:
-        for key in ("methods", "model_dir", "device", "quick"):
+        for key in ("model_dir", "device", "quick"):
             if other[key] != first[key]:
                 raise ValueError(f"cannot merge runs whose {key!r} differ: {first[key]!r} vs {other[key]!r}")
         mine = {k: v for k, v in other["settings"].items() if k != "seeds"}
         if mine != {k: v for k, v in first["settings"].items() if k != "seeds"}:
             raise ValueError("cannot merge runs with different settings (other than the number of seeds)")
     merged = copy.deepcopy(first)
-    merged["results"]["seeds"] = {}
+    seeds: dict[str, dict] = {}
     for report in reports:
-        overlap = set(merged["results"]["seeds"]) & set(report["results"]["seeds"])
-        if overlap:
-            raise ValueError(f"seeds {sorted(overlap)} appear in more than one run")
-        merged["results"]["seeds"].update(report["results"]["seeds"])
-    merged["settings"]["seeds"] = len(merged["results"]["seeds"])
+        for seed, records in report["results"]["seeds"].items():
+            overlap = set(seeds.get(seed, {})) & set(records)
+            if overlap:
+                raise ValueError(f"seed {seed}: methods {sorted(overlap)} appear in more than one run")
+            seeds.setdefault(seed, {}).update(copy.deepcopy(records))
+    methods = [m for m in METHODS if any(m in records for records in seeds.values())]
+    complete = {seed: records for seed, records in seeds.items() if all(m in records for m in methods)}
+    if not complete:
+        raise ValueError(f"no seed has every method of {methods}")
+    merged["results"]["seeds"] = dict(sorted(complete.items(), key=lambda item: int(item[0])))
+    merged["methods"] = methods
+    merged["settings"]["seeds"] = len(complete)
+    merged["left_out_seeds"] = sorted(set(seeds) - set(complete), key=int)
     # A run stopped part-way has only its partial file (no total): its methods' own times then.
     merged["seconds"] = max(r.get("seconds") or _measured_seconds(r) for r in reports)
     merged["processes"] = len(reports)

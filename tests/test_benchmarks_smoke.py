@@ -120,15 +120,15 @@ def test_learning_quick_writes_its_outputs(tmp_path):
     assert "HPT" in (tmp_path / "learning.md").read_text()
 
 
-def _real_model_report(seeds, seconds=None, steps=20):
+def _real_model_report(seeds, seconds=None, steps=20, methods=("sft",)):
     record = {"seconds": 10.0, "step_seconds": [1.0], "logs": [], "final": {"greedy": 0.5}}
     report = {
-        "methods": ["sft"],
+        "methods": list(methods),
         "model_dir": "m",
         "device": "cpu",
         "quick": False,
         "settings": {"seeds": len(seeds), "steps": steps},
-        "results": {"seeds": {str(s): {"sft": dict(record)} for s in seeds}},
+        "results": {"seeds": {str(s): {m: dict(record) for m in methods} for s in seeds}},
     }
     if seconds is not None:
         report["seconds"] = seconds
@@ -146,3 +146,9 @@ def test_real_model_reports_of_disjoint_seeds_merge():
         merge_reports([_real_model_report([0]), _real_model_report([0])])
     with pytest.raises(ValueError, match="different settings"):
         merge_reports([_real_model_report([0]), _real_model_report([1], steps=5)])
+    # Disjoint methods of the same seeds join; a seed without every method is left out of the pairs.
+    merged = merge_reports(
+        [_real_model_report([0, 1], methods=("sft", "grpo")), _real_model_report([0], methods=("hpt",))]
+    )
+    assert merged["methods"] == ["sft", "grpo", "hpt"] and list(merged["results"]["seeds"]) == ["0"]
+    assert merged["left_out_seeds"] == ["1"] and merged["settings"]["seeds"] == 1
