@@ -802,8 +802,7 @@ def main(argv=None) -> dict:
     base_results = None
     if args.base_from:
         earlier = read_json(Path(args.base_from))
-        ours = json.loads(json.dumps(report["settings"]))  # tuples as JSON lists, as in the file
-        if earlier["settings"] | {"seeds": 0} != ours | {"seeds": 0}:
+        if not same_settings(earlier["settings"], report["settings"]):
             raise ValueError(f"--base-from {args.base_from}: its settings differ from this run's")
         base_results = earlier["results"]
     report["results"] = run(
@@ -831,6 +830,15 @@ def summarize(report: dict) -> dict:
     return report
 
 
+def same_settings(a: dict, b: dict) -> bool:
+    """Whether two runs' settings agree but for the number of seeds (tuples and JSON lists compare equal)."""
+
+    def comparable(settings):
+        return {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "seeds"}
+
+    return comparable(a) == comparable(b)
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """
     One report from runs of the same configuration on disjoint seeds, or on disjoint methods of the same seeds (run
@@ -845,8 +853,7 @@ def merge_reports(reports: list[dict]) -> dict:
         for key in ("model_dir", "device", "quick"):
             if other[key] != first[key]:
                 raise ValueError(f"cannot merge runs whose {key!r} differ: {first[key]!r} vs {other[key]!r}")
-        mine = {k: v for k, v in other["settings"].items() if k != "seeds"}
-        if mine != {k: v for k, v in first["settings"].items() if k != "seeds"}:
+        if not same_settings(other["settings"], first["settings"]):
             raise ValueError("cannot merge runs with different settings (other than the number of seeds)")
     merged = copy.deepcopy(first)
     seeds: dict[str, dict] = {}

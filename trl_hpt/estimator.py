@@ -16,12 +16,13 @@ with per-row weights in a single pass. That is what `HPTTrainer` calls.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+
+from trl_hpt.feedback import correct_rollouts
 
 
 REFERENCES = ("current", "rollout", "sequence", "one")
@@ -432,7 +433,7 @@ def mixed_group_advantages(
 
 def sign_advantages(rewards: torch.Tensor, success_threshold: float = 1.0) -> torch.Tensor:
     """REINFORCE-sign advantages: `+1` for a correct rollout (reward >= threshold), `-1` otherwise (NaN included)."""
-    correct = torch.nan_to_num(rewards, nan=-math.inf) >= success_threshold
+    correct = correct_rollouts(rewards, success_threshold)
     return correct.to(rewards.dtype if rewards.is_floating_point() else torch.float32) * 2 - 1
 
 

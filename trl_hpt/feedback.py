@@ -33,6 +33,11 @@ def verifier_rewards(
     return total.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
 
 
+def correct_rollouts(rewards: torch.Tensor, success_threshold: float = 1.0) -> torch.Tensor:
+    """Whether each verifier reward counts as correct (`>= success_threshold`); an unscored one (NaN) never does."""
+    return rewards >= success_threshold  # NaN compares false
+
+
 def prompt_accuracy(rewards: torch.Tensor, num_generations: int, success_threshold: float = 1.0) -> torch.Tensor:
     """
     `P_q`: the share of each group's scored rollouts whose verifier reward is at least `success_threshold`.
@@ -43,7 +48,7 @@ def prompt_accuracy(rewards: torch.Tensor, num_generations: int, success_thresho
     """
     grouped = rewards.float().view(-1, num_generations)
     scored = ~torch.isnan(grouped)
-    correct = (torch.nan_to_num(grouped, nan=-math.inf) >= success_threshold) & scored
+    correct = correct_rollouts(grouped, success_threshold)
     return correct.sum(dim=1) / scored.sum(dim=1)  # 0 / 0 = NaN for a group nothing scored
 
 

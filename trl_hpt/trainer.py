@@ -31,7 +31,7 @@ from trl_hpt.estimator import (
     loss_type_denominator,
     online_spec_from_grpo_config,
 )
-from trl_hpt.feedback import FeedbackFn, decide_gate, prompt_accuracy, verifier_rewards
+from trl_hpt.feedback import FeedbackFn, correct_rollouts, decide_gate, prompt_accuracy, verifier_rewards
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
 from trl_hpt.model_card import complete_model_card, model_card_names
 from trl_hpt.models import resolve_model_init
@@ -286,7 +286,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         solved = accuracy == 1  # NaN (unknown) is not solved
         if self.args.solved_advantage > 0 and bool(solved.any()):
             # After any mixed-group recomputation, which would overwrite it. A rollout (never a demonstration) counts.
-            correct = torch.nan_to_num(verifier, nan=-math.inf) >= self.args.success_threshold
+            correct = correct_rollouts(verifier, self.args.success_threshold)
             bonus = (solved[group_of_row] & correct & ~offline_global)[local]
             output["advantages"] = output["advantages"] + self.args.solved_advantage * bonus.to(output["advantages"])
 
@@ -539,14 +539,13 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         each is clamped at 1 before it is spread, as GRPOTrainer clamps its token count.
         """
         num_processes, steps = self.accelerator.num_processes, self.args.steps_per_generation
-        mask = _loss_mask(inputs)
-        separate = inputs[_OFFLINE] if self.offline_spec.separate_term else None
-        policy_mask = mask if separate is None else mask[~separate]
+        # This micro-batch's own token count (bnpo), counted as the generation batch's global ones are.
+        local = batch_counts(_loss_mask(inputs), inputs[_OFFLINE], self.offline_spec)
         num_rows = max(float(inputs[_POLICY_ROWS]), 1.0) / num_processes / (steps if training else 1)
         policy = loss_type_denominator(
             self.policy_aggregation,
             num_rows=num_rows,
-            num_tokens=float(policy_mask.sum()),
+            num_tokens=float(local.policy_tokens),
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=num_processes,
