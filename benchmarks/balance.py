@@ -23,11 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     generation_inputs,
     machine_info,
-    machine_line,
-    markdown_table,
     setup_environment,
     write_json,  # noqa: E402
 )
+from benchmarks.report import machine_line, markdown_table  # noqa: E402
 
 
 LOSS_TYPES = ("dapo", "dr_grpo", "grpo", "bnpo", "cispo")

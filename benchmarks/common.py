@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmark scripts: environment, provenance, statistics and Markdown tables.
+"""Helpers shared by the benchmark scripts' measurements: environment, provenance, statistics and settings.
 
 Only the standard library (and modules of the package that import nothing else) is imported at module level, so the
-pure helpers (`markdown_table`, `summarize`) are cheap to import and to test. `pass_at_k` is the evaluation's
-(`trl_hpt.evaluation.pass_at_k`) and `generation_inputs` the testing module's (`trl_hpt.testing`).
+pure helpers (`summarize`, `share`, `settings_overrides`) are cheap to import and to test. `pass_at_k` is the
+evaluation's (`trl_hpt.evaluation.pass_at_k`) and `generation_inputs` the testing module's (`trl_hpt.testing`).
+Rendering (Markdown tables, plots) is `benchmarks/report.py`'s.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ __all__ = [
     "generation_inputs",
     "git_commit",
     "machine_info",
-    "machine_line",
-    "markdown_table",
     "pass_at_k",
+    "read_json",
+    "settings_overrides",
     "setup_environment",
+    "share",
     "summarize",
     "write_json",
 ]
@@ -111,14 +113,6 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
-def machine_line(info: dict) -> str:
-    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
-    return (
-        f"{info['date']}, {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}, "
-        f"torch {info['torch']}, trl {info['trl']}, transformers {info['transformers']}, commit {info['commit']}"
-    )
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------------------------
@@ -139,24 +133,10 @@ def summarize(values: Sequence[float]) -> dict:
     }
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
-    """
-    A GitHub Markdown table. Cells are converted with `str`; `align` is one character per column (`l`, `r`, `c`),
-    default: first column left, the others right.
-    """
-    align = align or "l" + "r" * (len(headers) - 1)
-    if len(align) != len(headers):
-        raise ValueError(f"align has {len(align)} entries for {len(headers)} columns")
-    for row in rows:
-        if len(row) != len(headers):
-            raise ValueError(f"row {row!r} has {len(row)} cells for {len(headers)} columns")
-    rule = {"l": ":---", "r": "---:", "c": ":---:"}
-    lines = [
-        "| " + " | ".join(str(h) for h in headers) + " |",
-        "|" + "|".join(rule[a] for a in align) + "|",
-    ]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def share(values) -> float:
+    """The mean of `values` (booleans count as 0 or 1), NaN when there are none: an accuracy over problems."""
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -> None:
@@ -195,3 +175,31 @@ def shared_training_values(output_dir: str, learning_rate: float, steps: int, se
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def settings_overrides(settings, items: Sequence[str]) -> dict:
+    """
+    The `--set FIELD=VALUE` overrides of a settings dataclass, each value cast to the type of the field's default.
+
+    Args:
+        settings:
+            The settings dataclass instance the overrides apply to.
+        items (`Sequence[str]`):
+            `FIELD=VALUE` strings. `none` (any case) sets `None`; a tuple field takes comma-separated values.
+
+    Returns:
+        `dict`: The overrides by field, for `dataclasses.replace(settings, **overrides)`.
+    """
+    overrides = {}
+    for item in items:
+        name, value = item.split("=", 1)
+        # The class default, because an instance's value may be None (a step turned off) and say nothing of the type.
+        default = getattr(type(settings), name, getattr(settings, name))
+        if value.lower() == "none":
+            overrides[name] = None
+        elif isinstance(default, tuple):
+            cast = type(default[0]) if default else str
+            overrides[name] = tuple(cast(v) for v in value.split(","))
+        else:
+            overrides[name] = type(default if default is not None else 0.0)(value)
+    return overrides

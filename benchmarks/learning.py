@@ -23,7 +23,8 @@ the completion tokens each method actually generated):
   demonstrations, the default before 0.1); `hpt_lt`: the same with `offline_aggregation="loss_type"` (demonstration
   tokens reduced with the rollout tokens, HPTConfig's default with any feedback but `sft`); `hpt_solved`: `hpt_lt`
   with `solved_advantage=1` (the correct rollouts of prompts solved every time train as SFT on the model's own answers,
-  so what the warm start solves is not forgotten).
+  so what the warm start solves is not forgotten); `hpt_chord`: `hpt_lt` with CHORD-phi demonstrations
+  (`offline_loss="chord_phi"`, each demonstration token weighted by `p (1 - p)`; only run when asked for).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
 `scale_rewards="none"`, no KL, one update per generation batch, `sft_loss_coef=1.0`), AdamW with one constant learning
@@ -48,7 +49,6 @@ import copy
 import dataclasses
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -62,27 +62,22 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     generation_inputs,
     machine_info,
-    machine_line,
-    markdown_table,
     pass_at_k,
+    settings_overrides,
     setup_environment,
+    share,
     shared_training_values,
     write_json,
 )
+from benchmarks.report import LEARNING_METHODS as METHODS  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    brief_learning,
+    learning_aggregate,
+    learning_paired,
+    machine_line,
+    render,
+)
 
-
-METHODS = {
-    "sft": 'SFT (`feedback="sft"`)',
-    "sft_trl": "SFT (TRL `SFTTrainer`)",
-    "grpo": 'GRPO (`feedback="rl"`)',
-    "grpo_trl": "GRPO (TRL `GRPOTrainer`)",
-    "sft_grpo": "SFT -> GRPO (half each)",
-    "luffy": "LUFFY (`soft`, `luffy`)",
-    "srft": "SRFT (`soft`, `srft`)",
-    "hpt": 'HPT (`switch`, gate 0, `offline_aggregation="token_mean"`)',
-    "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`, the default)',
-    "hpt_solved": 'HPT, `offline_aggregation="loss_type"`, `solved_advantage=1`',
-}
 
 # The HPTConfig fields of each method trained by HPTTrainer (the others: TRL's trainers, or a sequence of these).
 HPT_FIELDS = {
@@ -98,7 +93,15 @@ HPT_FIELDS = {
         "offline_aggregation": "loss_type",
         "solved_advantage": 1.0,
     },
+    "hpt_chord": {
+        "feedback": "switch",
+        "switch_gate": 0.0,
+        "offline_loss": "chord_phi",
+        "offline_aggregation": "loss_type",
+    },
 }
+# Measured once as a remedy (docs/benchmarks.md) and left out of the default run.
+NOT_DEFAULT = ("hpt_chord",)
 
 
 @dataclass
@@ -301,11 +304,6 @@ def evaluate(model, tokenizer, pairs, settings: LearningSettings, seed: int) -> 
     greedy = greedy_correct(model, tokenizer, pairs, settings)
     counts = sampled_correct_counts(model, tokenizer, pairs, settings, seed)
     carry = [has_carry(*p) for p in pairs]
-
-    def share(values):
-        values = list(values)
-        return sum(values) / len(values) if values else float("nan")
-
     result = {
         "greedy": share(greedy),
         "greedy_carry": share(g for g, c in zip(greedy, carry) if c),
@@ -561,7 +559,8 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
         per_seed = {"warm_start": evaluate(model, tokenizer, held_out, settings, seed=1000 + seed)}
         per_seed["warm_start_seconds"] = time.time() - start
         print(
-            f"[learning] seed {seed} warm start ({per_seed['warm_start_seconds']:.0f}s): {_brief(per_seed['warm_start'])}"
+            f"[learning] seed {seed} warm start ({per_seed['warm_start_seconds']:.0f}s): "
+            f"{brief_learning(per_seed['warm_start'])}"
         )
         if seed == 0:
             results["gradient_scale"] = gradient_scale_diagnostic(model, tokenizer, dataset, settings, seed)
@@ -579,250 +578,11 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
             per_seed.setdefault(group, {})[method] = record
             label = method if group == "methods" else f"{method}@lr={method_settings.learning_rate:g}"
             print(
-                f"[learning] seed {seed} {label:9s} ({record['seconds']:.0f}s): {_brief(record['final'])}", flush=True
+                f"[learning] seed {seed} {label:9s} ({record['seconds']:.0f}s): {brief_learning(record['final'])}",
+                flush=True,
             )
         results["seeds"][seed] = per_seed
     return results
-
-
-def _brief(metrics: dict) -> str:
-    return (
-        f"greedy {metrics['greedy']:.2f} (carry {metrics['greedy_carry']:.2f}, no carry "
-        f"{metrics['greedy_no_carry']:.2f}), "
-        + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("pass@") and "_" not in k)
-    )
-
-
-def _mean_std(values) -> tuple[float, float]:
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def aggregate(results: dict, methods: list[str], group: str = "methods") -> dict:
-    """Mean and std over seeds of every final metric, per method (and for the warm start)."""
-    seeds = list(results["seeds"].values())
-    keys = list(seeds[0]["warm_start"].keys())
-    out = {"warm_start": {k: _mean_std(s["warm_start"][k] for s in seeds) for k in keys}}
-    for method in methods:
-        records = [s[group][method] for s in seeds]
-        out[method] = {k: _mean_std(r["final"][k] for r in records) for k in keys}
-        out[method]["generated_tokens"] = _mean_std(r["generated_tokens"] for r in records)
-        out[method]["seconds"] = _mean_std(r["seconds"] for r in records)
-        gates = [r["gate"] for r in records if r["gate"]]
-        if gates:
-            first = [statistics.fmean(g[1] for g in gate[: max(1, len(gate) // 10)]) for gate in gates]
-            last = [statistics.fmean(g[1] for g in gate[-max(1, len(gate) // 10) :]) for gate in gates]
-            out[method]["sft_fraction_first_10pct"] = _mean_std(first)
-            out[method]["sft_fraction_last_10pct"] = _mean_std(last)
-    return out
-
-
-def render_markdown(report: dict) -> str:
-    settings, agg, methods = report["settings"], report["aggregate"], report["methods"]
-    split = report["results"]["split"]
-    ks = settings["pass_k"]
-    lines = [
-        f"Machine: {machine_line(report['machine'])}. Whole run: {report['seconds'] / 60:.1f} min.",
-        "",
-        f"Task: `aa+bb=` -> `cc`, a, b in [0, {settings['max_operand']}); "
-        + (
-            "demonstrations in a style the model never wrote (`c c`, digits spaced; the verifier accepts both); "
-            if settings.get("demonstration_style", "plain") == "spaced"
-            else ""
-        )
-        + f"{split['train']} post-training prompts, "
-        f"{split['held_out']} held-out ({split['held_out_with_carry']} with a carry). Model: Qwen2-style, hidden "
-        f"{settings['hidden_size']}, {settings['num_layers']} layers, warm-started {settings['warmup_steps']} steps "
-        f"(lr {settings['warmup_lr']}, batch {settings['warmup_batch']}) on "
-        + (
-            f"the {split['warm_start']} no-carry post-training problems"
-            if settings.get("warm_start_set", "no_carry") == "no_carry"
-            else f"{settings['warm_start_size']} random post-training problems (carry or not)"
-        )
-        + f". Every method: {settings['steps']} optimizer steps from the warm start, "
-        f"{settings['prompts_per_step']} prompts per step, {settings['num_generations']} rollouts per prompt "
-        f"(up to {settings['max_completion_length']} tokens, temperature {settings['temperature']}), AdamW lr "
-        f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, no KL, '
-        f"`sft_loss_coef={settings['sft_loss_coef']}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
-        f"from {settings['eval_samples']} samples per problem at temperature {settings['temperature']}.",
-        "",
-    ]
-
-    lines.append(method_table(agg, methods, ks))
-    lines += [
-        "",
-        "Accuracies in %, mean +- std over seeds. Generated tokens: completion tokens sampled during post-training "
-        "(mean over seeds; TRL's SFTTrainer samples none). SFT share: HPT's `hpt/sft_fraction`, the share of prompts "
-        "sent to SFT, averaged over the first and the last 10% of the steps.",
-    ]
-    if "aggregate_sensitivity" in report:
-        sensitivity = report["aggregate_sensitivity"]
-        lines += [
-            "",
-            f"Learning-rate sensitivity: the same runs with lr {settings['sensitivity_lr']} instead of "
-            f"{settings['learning_rate']}:",
-            "",
-            method_table(sensitivity, list(settings["sensitivity_methods"]), ks),
-        ]
-    if "gradient_scale" in report["results"]:
-        rows = []
-        for name, d in report["results"]["gradient_scale"].items():
-            if name == "demonstration_tokens":
-                continue
-            ratio = d["offline_grad_norm"] / d["online_grad_norm"] if d["online_grad_norm"] > 0 else float("inf")
-            rows.append(
-                [
-                    name,
-                    d["prompts_to_sft"],
-                    f"{d['online_rows_nonzero_advantage']}/{d['online_rows']}",
-                    f"{d['online_grad_norm']:.4f}",
-                    f"{d['offline_grad_norm']:.4f}",
-                    f"{ratio:.1f}",
-                ]
-            )
-        lines += [
-            "",
-            f"Gradient norms of the two loss terms on one batch at the warm start (seed 0, {settings['prompts_per_step']} "
-            "training prompts, half with a carry):",
-            "",
-            markdown_table(
-                [
-                    "method",
-                    "demonstrations placed",
-                    "rollout rows with A != 0",
-                    "RL term grad norm",
-                    "demonstration term grad norm",
-                    "ratio",
-                ],
-                rows,
-            ),
-        ]
-        tokens = report["results"]["gradient_scale"].get("demonstration_tokens")
-        if tokens:
-            lines += [
-                "",
-                f"Tokens of the demonstrations HPT placed in that batch ({tokens['num_tokens']}): the warm-started model "
-                f"gives them probability p with median {tokens['median_p']:.2g} (mean {tokens['mean_p']:.2g}). The "
-                f"mean weight on `grad log p` is 1 for SFT, {tokens['mean_weight_srft']:.2g} for SRFT (`p`) and "
-                f"{tokens['mean_weight_luffy']:.2g} for LUFFY (`gamma p / (p + gamma)^2`); SFT divides by the "
-                f"{tokens['sft_denominator_tokens']} demonstration tokens, LUFFY and SRFT by dr_grpo's "
-                f"{tokens['dr_grpo_denominator']} (rows x max completion length).",
-            ]
-    for reference, paired in report.get("paired", {}).items():
-        lines += [
-            "",
-            f"{METHODS[reference]} minus each method, paired by seed (same warm start), mean +- std over seeds, in "
-            "points:",
-            "",
-            markdown_table(
-                ["method", "greedy", "greedy, carry", "greedy, no carry", "pass@4", "ahead (greedy)"],
-                [
-                    [
-                        METHODS[m],
-                        *(f"{100 * d[k][0]:+.1f} +- {100 * d[k][1]:.1f}" for k in PAIRED_METRICS),
-                        f"{d['wins']}/{d['n']} seeds",
-                    ]
-                    for m, d in paired.items()
-                ],
-            ),
-        ]
-    return "\n".join(lines) + "\n"
-
-
-PAIRED_METRICS = ("greedy", "greedy_carry", "greedy_no_carry", "pass@4")
-
-
-def paired_differences(results: dict, methods: list[str], reference: str = "hpt") -> dict:
-    """`reference` minus every other method, seed by seed (they share the warm start)."""
-    seeds = list(results["seeds"].values())
-    out = {}
-    for method in methods:
-        if method == reference:
-            continue
-        diffs = {
-            k: [s["methods"][reference]["final"][k] - s["methods"][method]["final"][k] for s in seeds]
-            for k in PAIRED_METRICS
-        }
-        out[method] = {k: _mean_std(v) for k, v in diffs.items()}
-        out[method]["wins"] = sum(d > 0 for d in diffs["greedy"])
-        out[method]["n"] = len(seeds)
-    return out
-
-
-def method_table(agg: dict, methods: list[str], ks) -> str:
-    def cell(metric, method):
-        mean, std = agg[method][metric]
-        return f"{100 * mean:.1f} +- {100 * std:.1f}"
-
-    headers = ["method", "greedy", "greedy, carry", "greedy, no carry"]
-    headers += [f"pass@{k}" for k in ks] + [f"pass@{k}, carry" for k in ks]
-    headers += ["generated tokens", "SFT share (first/last 10%)", "s/run"]
-    rows = []
-    for method in ["warm_start", *methods]:
-        row = [METHODS.get(method, "warm start (before post-training)")]
-        row += [cell(m, method) for m in ("greedy", "greedy_carry", "greedy_no_carry")]
-        row += [cell(f"pass@{k}", method) for k in ks] + [cell(f"pass@{k}_carry", method) for k in ks]
-        if method == "warm_start":
-            row += ["", "", ""]
-        else:
-            row.append(f"{agg[method]['generated_tokens'][0]:.0f}")
-            if "sft_fraction_first_10pct" in agg[method]:
-                first, last = agg[method]["sft_fraction_first_10pct"][0], agg[method]["sft_fraction_last_10pct"][0]
-                row.append(f"{first:.2f} / {last:.2f}")
-            else:
-                row.append("")
-            row.append(f"{agg[method]['seconds'][0]:.0f}")
-        rows.append(row)
-    return markdown_table(headers, rows)
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods, agg = report["methods"], report["aggregate"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
-    names = ["warm_start", *methods]
-    x = range(len(names))
-    width = 0.27
-    for offset, (metric, label) in zip(
-        (-width, 0.0, width), (("greedy", "greedy"), ("greedy_carry", "greedy, carry"), ("pass@4", "pass@4"))
-    ):
-        means = [100 * agg[m][metric][0] for m in names]
-        stds = [100 * agg[m][metric][1] for m in names]
-        left.bar([i + offset for i in x], means, width, yerr=stds, capsize=3, label=label)
-    left.set_xticks(list(x))
-    left.set_xticklabels(["warm start", *methods], rotation=30, ha="right")
-    left.set_ylabel("held-out accuracy (%)")
-    left.set_ylim(0, 105)
-    left.set_title(f"Final held-out accuracy, mean +- std over {report['settings']['seeds']} seed(s)")
-    left.legend(loc="upper left")
-    seeds = list(report["results"]["seeds"].values())
-    for method in methods:
-        curves = [s["methods"][method]["curve"] for s in seeds]
-        steps = [p[0] for p in curves[0]]
-        values = [[p[1] for p in c] for c in curves]
-        mean = [statistics.fmean(v) * 100 for v in zip(*values)]
-        std = [(statistics.stdev(v) if len(v) > 1 else 0.0) * 100 for v in zip(*values)]
-        (line,) = right.plot(steps, mean, marker="o", markersize=3, label=method)
-        right.fill_between(
-            steps,
-            [m - s for m, s in zip(mean, std)],
-            [m + s for m, s in zip(mean, std)],
-            alpha=0.12,
-            color=line.get_color(),
-        )
-    right.set_xlabel("optimizer step")
-    right.set_ylabel("held-out greedy accuracy (%)")
-    right.set_ylim(0, 105)
-    right.set_title("Held-out greedy accuracy during post-training")
-    right.legend(loc="upper left", fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -830,7 +590,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, a few steps, small evaluation")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5; quick: 1)")
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=[m for m in METHODS if m not in NOT_DEFAULT]
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where learning.{json,md,png} are written")
     parser.add_argument("--json", help="JSON path (default: OUT_DIR/learning.json)")
@@ -841,16 +603,7 @@ def main(argv=None) -> dict:
 
     setup_environment(args.threads)
     settings = LearningSettings.quick() if args.quick else LearningSettings()
-    overrides = {}
-    for item in args.set:
-        name, value = item.split("=", 1)
-        default = getattr(LearningSettings, name, getattr(settings, name))
-        if value.lower() == "none":
-            overrides[name] = None
-        elif isinstance(default, tuple):
-            overrides[name] = tuple(type(default[0])(v) for v in value.split(","))
-        else:
-            overrides[name] = type(default if default is not None else 0.0)(value)
+    overrides = settings_overrides(settings, args.set)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.steps is not None:
@@ -858,26 +611,30 @@ def main(argv=None) -> dict:
     settings = dataclasses.replace(settings, **overrides)
 
     start = time.time()
-    report = {"machine": machine_info(), "settings": asdict(settings), "methods": args.methods, "quick": args.quick}
+    report = {
+        "benchmark": "learning",
+        "machine": machine_info(),
+        "settings": asdict(settings),
+        "methods": args.methods,
+        "quick": args.quick,
+    }
     print(f"[learning] {machine_line(report['machine'])}", flush=True)
     report["results"] = run(settings, args.methods)
-    report["aggregate"] = aggregate(report["results"], args.methods)
+    report["aggregate"] = learning_aggregate(report["results"], args.methods)
     if settings.sensitivity_lr is not None:
-        report["aggregate_sensitivity"] = aggregate(
+        report["aggregate_sensitivity"] = learning_aggregate(
             report["results"], list(settings.sensitivity_methods), "sensitivity"
         )
     report["paired"] = {
-        reference: paired_differences(report["results"], args.methods, reference)
+        reference: learning_paired(report["results"], args.methods, reference)
         for reference in ("hpt", "hpt_lt", "hpt_solved")
         if reference in args.methods and len(args.methods) > 1
     }
     report["seconds"] = time.time() - start
     out_dir = Path(args.out_dir)
-    markdown = render_markdown(report)
-    print(markdown)
+    # The measurements first: a failure to render or plot must not lose them.
     write_json(args.json or out_dir / "learning.json", report, indent=None)
-    (out_dir / "learning.md").write_text(markdown)
-    plot(report, out_dir / "learning.png")
+    print(render(report, markdown=out_dir / "learning.md", plot_path=out_dir / "learning.png"))
     print(f"[learning] done in {report['seconds'] / 60:.1f} min; wrote {out_dir}/learning.{{json,md,png}}")
     return report
 

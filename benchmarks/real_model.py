@@ -62,11 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     machine_info,
-    machine_line,
-    markdown_table,
     pass_at_k,
     read_json,
+    settings_overrides,
     setup_environment,
+    share,
     shared_training_values,
     write_json,
 )
@@ -78,20 +78,19 @@ from benchmarks.real_model_tasks import (  # noqa: E402
     make_split,
     retention_problems,
 )
+from benchmarks.report import REAL_MODEL_METHODS as METHODS  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    brief_competence,
+    brief_real_model,
+    machine_line,
+    real_model_aggregate,
+    real_model_paired,
+    render,
+)
 
-
-METHODS = {
-    "sft": "SFT (TRL `SFTTrainer`)",
-    "grpo": "GRPO (TRL `GRPOTrainer`)",
-    "sft_grpo": "SFT -> GRPO (half each)",
-    "luffy": 'LUFFY (`feedback="soft"`, `offline_loss="luffy"`)',
-    "hpt": "HPT (`HPTTrainer` defaults)",
-    "hpt_paper": "HPT, paper recipe scaled down",
-    "hpt_solved": "HPT + `solved_advantage=1`",
-}
 
 # The HPT variants whose paired differences against every other method are reported.
-PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved")
+PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved", "hpt_chord")
 
 HPT_FIELDS = {
     "luffy": {"feedback": "soft", "offline_loss": "luffy"},
@@ -106,7 +105,10 @@ HPT_FIELDS = {
         "skip_grad_norm_above": 80.0,
     },
     "hpt_solved": {"solved_advantage": 1.0},
+    "hpt_chord": {"offline_loss": "chord_phi"},
 }
+# Measured as a remedy (docs/benchmarks.md) and left out of the default run.
+NOT_DEFAULT = ("hpt_chord",)
 
 
 @dataclass
@@ -307,10 +309,6 @@ def evaluate(model, tokenizer, split, retention, reference, settings: RealModelS
     kept = [last_number(t) == p["answer"] for t, p in zip(retention_texts, retention)]
     sampled = test[: settings.pass_k_problems]
     counts = sampled_counts(model, tokenizer, sampled, settings, settings.eval_samples, seed)
-
-    def share(values):
-        values = list(values)
-        return sum(values) / len(values) if values else float("nan")
 
     result = {
         "greedy": share(greedy),
@@ -555,11 +553,14 @@ def run(
         results["base_competence"], results["base"] = base_results["base_competence"], base_results["base"]
     else:
         results["base_competence"] = base_competence(base_model, tokenizer, split, settings)
-    print(f"[real_model] base competence on validation ({time.time() - start:.0f}s): {_brief_competence(results)}")
+    print(f"[real_model] base competence on validation ({time.time() - start:.0f}s): {brief_competence(results)}")
     start = time.time()
     if base_results is None:
         results["base"] = evaluate(base_model, tokenizer, split, retention, reference, settings, seed=1000)
-    print(f"[real_model] base model ({time.time() - start:.0f}s): {_brief(results['base'], settings)}", flush=True)
+    print(
+        f"[real_model] base model ({time.time() - start:.0f}s): {brief_real_model(results['base'], settings.pass_k)}",
+        flush=True,
+    )
 
     for seed in range(settings.seeds) if seeds is None else seeds:
         per_seed = {}
@@ -574,151 +575,13 @@ def run(
             step = statistics.median(record["step_seconds"]) if record["step_seconds"] else float("nan")
             print(
                 f"[real_model] seed {seed} {method:9s} ({record['seconds']:.0f}s, {step:.1f} s/step): "
-                f"{_brief(record['final'], settings)}",
+                f"{brief_real_model(record['final'], settings.pass_k)}",
                 flush=True,
             )
             results["seeds"][seed] = per_seed
             if checkpoint is not None:
                 checkpoint(results)
     return results
-
-
-def _brief_competence(results: dict) -> str:
-    c = results["base_competence"]
-    return (
-        f"greedy {c['greedy']:.2f}; {c['solved_by_some_rollout']}/{c['problems']} problems solved by some of "
-        f"{c['samples_per_problem']} rollouts, {c['never_solved']} by none (rollout accuracy {c['rollout_accuracy']:.2f})"
-    )
-
-
-def _brief(metrics: dict, settings: RealModelSettings) -> str:
-    passes = ", ".join(f"pass@{k} {metrics[f'pass@{k}']:.2f}" for k in settings.pass_k)
-    return (
-        f"greedy {metrics['greedy']:.2f}, {passes}, boxed {metrics['boxed']:.2f}, retention "
-        f"{metrics['retention']:.2f}, KL {metrics['kl']:.4f}"
-    )
-
-
-def _mean_std(values) -> tuple[float, float]:
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def metric_names(settings: dict) -> list[str]:
-    return ["greedy", *(f"pass@{k}" for k in settings["pass_k"]), "boxed", "retention", "kl"]
-
-
-def aggregate(results: dict, methods: list[str], settings: dict) -> dict:
-    seeds = list(results["seeds"].values())
-    out = {}
-    for method in methods:
-        records = [s[method] for s in seeds]
-        out[method] = {k: _mean_std(r["final"][k] for r in records) for k in metric_names(settings)}
-        steps = [t for r in records for t in r["step_seconds"]]
-        out[method]["step_seconds"] = statistics.median(steps) if steps else float("nan")
-        out[method]["seconds"] = _mean_std(r["seconds"] for r in records)
-        fractions = [e["hpt/sft_fraction"] for r in records for e in r["logs"] if "hpt/sft_fraction" in e]
-        if fractions:
-            out[method]["sft_fraction"] = statistics.fmean(fractions)
-        rewards = [e["reward"] for r in records for e in r["logs"] if "reward" in e]
-        if rewards:
-            out[method]["train_reward"] = statistics.fmean(rewards)
-    return out
-
-
-def paired_differences(results: dict, methods: list[str], settings: dict, reference: str = "hpt") -> dict:
-    """`reference` minus every other method, seed by seed (same split, same starting model, same seed)."""
-    seeds = list(results["seeds"].values())
-    out = {}
-    for method in methods:
-        if method == reference:
-            continue
-        diffs = {k: [s[reference]["final"][k] - s[method]["final"][k] for s in seeds] for k in metric_names(settings)}
-        out[method] = {k: _mean_std(v) for k, v in diffs.items()}
-        out[method]["ahead"] = sum(d > 0 for d in diffs["greedy"])
-        out[method]["n"] = len(seeds)
-    return out
-
-
-def render_markdown(report: dict) -> str:
-    settings, agg, methods, results = report["settings"], report["aggregate"], report["methods"], report["results"]
-    ks = settings["pass_k"]
-    split, competence = results["split"], results["base_competence"]
-    example = results["example_problem"]
-    lines = [
-        f"Machine: {machine_line(report['machine'])}. Whole run: {report['seconds'] / 60:.1f} min"
-        + (" (`--quick` smoke run: too small to compare methods)." if report["quick"] else "."),
-        "",
-        f"Model: SmolLM2-135M-Instruct (`{Path(report['model_dir']).name}`), LoRA r={settings['lora_r']} "
-        f"alpha={settings['lora_alpha']} on every linear layer, device {report['device']}. Task: additions "
-        f"({', '.join(settings['families'])}), {split['train']} train / {split['validation']} validation / "
-        f"{split['test']} test problems, e.g. `{example['question']}` with the demonstration "
-        f"`{example['solution']}`. Every method: {settings['steps']} optimizer steps, {settings['prompts_per_step']} "
-        f"prompts per step ({settings['num_generations']} rollouts each, up to {settings['max_completion_length']} "
-        f"tokens, temperature {settings['temperature']}), AdamW lr {settings['learning_rate']} constant. "
-        f"{settings['seeds']} seed(s) ({', '.join(str(k) for k in results['seeds'])}), mean +- std over seeds.",
-        "",
-        f"Base model on the {competence['problems']} validation problems: greedy accuracy "
-        f"{100 * competence['greedy']:.0f}%; with {competence['samples_per_problem']} rollouts each, "
-        f"{competence['solved_by_some_rollout']} problems solved by at least one, {competence['solved_by_every_rollout']} "
-        f"by all, {competence['never_solved']} by none (rollout accuracy {100 * competence['rollout_accuracy']:.0f}%).",
-        "",
-    ]
-    headers = ["method", "greedy", *(f"pass@{k}" for k in ks), "boxed", "retention", "KL to start", "s/step", "s/run"]
-    headers += ["SFT share"]
-    rows = []
-    base = results["base"]
-    rows.append(
-        [
-            "base model (before post-training)",
-            *(f"{100 * base[m]:.1f}" for m in ("greedy", *(f"pass@{k}" for k in ks), "boxed", "retention")),
-            f"{base['kl']:.4f}",
-            "",
-            "",
-            "",
-        ]
-    )
-    for method in methods:
-        a = agg[method]
-        row = [METHODS[method]]
-        row += [
-            f"{100 * a[m][0]:.1f} +- {100 * a[m][1]:.1f}"
-            for m in ("greedy", *(f"pass@{k}" for k in ks), "boxed", "retention")
-        ]
-        row += [f"{a['kl'][0]:.4f} +- {a['kl'][1]:.4f}", f"{a['step_seconds']:.1f}", f"{a['seconds'][0]:.0f}"]
-        row.append(f"{a['sft_fraction']:.2f}" if "sft_fraction" in a else "")
-        rows.append(row)
-    lines.append(markdown_table(headers, rows))
-    lines += [
-        "",
-        f"Test accuracies in % (final answer, the last box or else the last number, by the math verifier; "
-        f"{split['test']} problems; pass@k from {settings['eval_samples']} samples "
-        f"on the first {min(settings['pass_k_problems'], split['test'])} at temperature {settings['temperature']}); "
-        "boxed: share of greedy test answers with a `\\boxed{}`. Retention: greedy accuracy on "
-        f"{settings['retention_size']} one-digit sums asked plainly (last number written). KL to start: mean per-token "
-        f"KL(policy || start) on the starting model's answers to {settings['general_prompts']} everyday prompts. "
-        "s/step: median seconds per optimizer step; s/run: training and evaluation. SFT share: mean share of prompts "
-        "HPTTrainer sent to the demonstration term.",
-    ]
-    for reference, paired in report.get("paired", {}).items():
-        lines += [
-            "",
-            f"{METHODS[reference]} minus each method, paired by seed, mean +- std over seeds (points; KL in nats):",
-            "",
-            markdown_table(
-                ["method", "greedy", *(f"pass@{k}" for k in ks), "boxed", "retention", "KL", "ahead (greedy)"],
-                [
-                    [
-                        METHODS[m],
-                        *(f"{100 * d[k][0]:+.1f} +- {100 * d[k][1]:.1f}" for k in metric_names(settings)[:-1]),
-                        f"{d['kl'][0]:+.4f} +- {d['kl'][1]:.4f}",
-                        f"{d['ahead']}/{d['n']} seeds",
-                    ]
-                    for m, d in paired.items()
-                ],
-            ),
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -744,7 +607,9 @@ def main(argv=None) -> dict:
         help="train nothing: merge these real_model.json files (disjoint seeds of one configuration) and render them",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=[m for m in METHODS if m not in NOT_DEFAULT]
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see docs/real_model.md)")
     parser.add_argument("--model", help="a model directory (default: SmolLM2-135M-Instruct converted from its GGUF)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where real_model.{json,md} are written")
@@ -763,15 +628,7 @@ def main(argv=None) -> dict:
         settings = RealModelSettings.cuda()
     else:
         settings = RealModelSettings()
-    overrides = {}
-    for item in args.set:
-        name, value = item.split("=", 1)
-        default = getattr(settings, name)
-        if isinstance(default, tuple):
-            cast = type(default[0]) if default else str
-            overrides[name] = tuple(cast(v) for v in value.split(","))
-        else:
-            overrides[name] = type(default)(value)
+    overrides = settings_overrides(settings, args.set)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.seed_list:
@@ -789,6 +646,7 @@ def main(argv=None) -> dict:
 
     start = time.time()
     report = {
+        "benchmark": "real_model",
         "machine": machine_info(args.device),
         "settings": asdict(settings),
         "methods": args.methods,
@@ -821,9 +679,9 @@ def main(argv=None) -> dict:
 def summarize(report: dict) -> dict:
     """Adds the aggregate over seeds and the paired differences (HPT variants minus every method) to `report`."""
     methods, settings = report["methods"], report["settings"]
-    report["aggregate"] = aggregate(report["results"], methods, settings)
+    report["aggregate"] = real_model_aggregate(report["results"], methods, settings)
     report["paired"] = {
-        reference: paired_differences(report["results"], methods, settings, reference)
+        reference: real_model_paired(report["results"], methods, settings, reference)
         for reference in PAIRED_REFERENCES
         if reference in methods and len(methods) > 1
     }
@@ -882,11 +740,12 @@ def _measured_seconds(report: dict) -> float:
 
 
 def write_report(report: dict, out_dir: Path) -> dict:
-    report = summarize(report)
-    markdown = render_markdown(report)
-    print(markdown)
+    """Adds the aggregate and paired differences to `report`, then writes `out_dir/real_model.{json,md}`."""
+    # A report merged from runs older than the `benchmark` field gets it too (first, as a fresh run has it).
+    report = summarize({"benchmark": "real_model", **report})
+    # The measurements first: a failure to render must not lose them.
     write_json(out_dir / "real_model.json", report)
-    (out_dir / "real_model.md").write_text(markdown)
+    print(render(report, markdown=out_dir / "real_model.md"))
     print(f"[real_model] done in {report['seconds'] / 60:.1f} min; wrote {out_dir}/real_model.{{json,md}}")
     return report
 

@@ -55,14 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     generation_inputs,
     machine_info,
-    machine_line,
-    markdown_table,
     setup_environment,
     summarize,
     write_json,
 )
+from benchmarks.report import machine_line, render  # noqa: E402
 
 
+# The report stores these (`targets`), and its verdicts are rendered from there: a re-rendered report keeps the
+# targets it was measured against.
 TIME_TARGET = 1.03
 MEMORY_TARGET = 1.05
 LOSS_PASS_TOLERANCE = 0.15
@@ -712,159 +713,6 @@ def measure_loss_pass(settings: SpeedSettings, device: str) -> dict:
     return {"results": results}
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _fmt_range(s: dict, digits: int = 3) -> str:
-    return f"{s['min']:.{digits}f}-{s['max']:.{digits}f}"
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
-def render_markdown(report: dict) -> str:
-    info, settings = report["machine"], report["settings"]
-    device = info["device"]
-    headline = "wall" if device.startswith("cuda") else "cpu"
-    lines = [f"Machine: {machine_line(info)}."]
-    if "load_average_start" in report and "load_average_end" in report:
-        lines[0] += (
-            f" 1-minute load average {report['load_average_start'][0]:.1f} at the start, "
-            f"{report['load_average_end'][0]:.1f} at the end (other jobs share the machine)."
-        )
-    if "seconds" in report:
-        lines[0] += f" Whole run: {report['seconds']:.0f} s."
-    lines.append("")
-    if report.get("quick"):
-        lines += ["**Quick mode (smoke test): sizes too small for the ratios or the targets to mean anything.**", ""]
-    rows = []
-    step, memory = report.get("step_time"), report.get("memory")
-    if step is not None or memory is not None:
-        lines += [
-            f'**(a) Step time and memory**, `HPTTrainer(feedback="rl")` vs `GRPOTrainer`: Qwen2-style model hidden '
-            f"{settings['step_hidden']}, {settings['step_layers']} layers, {settings['step_prompts']} prompts x "
-            f"{settings['num_generations']} generations, up to {settings['step_completion']} completion tokens, "
-            f"{settings['steps']} steps per run (first dropped).",
-            "",
-        ]
-    if step is not None:
-        lines += [
-            f"Time: {settings['repetitions']} repetitions after a warm-up one; in each, the two trainers train in "
-            "lockstep (one optimizer step each in turn, the leader alternating between repetitions). Seconds per "
-            "optimizer step: median over repetitions of the per-repetition median; HPT/GRPO: median over "
-            "repetitions of the median of the step-by-step ratios (HPT step k / GRPO step k), and their range over "
-            f"repetitions. Same rollouts in both trainers: {step['same_rollouts']}; same final loss: "
-            f"{step['same_final_loss']}.",
-            "",
-        ]
-        labels = {
-            "cpu": "CPU time per step (s)",
-            "wall": "wall time per step (s)",
-            "trl_step_time": "TRL `step_time` metric, wall (s)",
-        }
-        for key in ("cpu", "wall", "trl_step_time"):
-            s = step[key]
-            is_target = key == headline
-            rows.append(_ratio_row(labels[key], s, 4, TIME_TARGET if is_target else None))
-        if "cuda_peak_mib" in step:
-            rows.append(_ratio_row("`torch.cuda.max_memory_allocated` (MiB)", step["cuda_peak_mib"], 1, MEMORY_TARGET))
-    if memory is not None:
-        rows.append(_ratio_row("peak RSS minus pre-train RSS (MiB)", memory["train_increment_mib"], 1, MEMORY_TARGET))
-        rows.append(_ratio_row("peak RSS of the whole process (MiB)", memory["peak_rss_mib"], 1, None))
-    if rows:
-        lines.append(markdown_table(["measure", "GRPO", "HPT (rl)", "HPT/GRPO", "min-max", "target"], rows))
-    if memory is not None:
-        lines += [
-            "",
-            f"Memory: {settings['memory_repetitions']} fresh subprocesses per trainer, alternating, same config as "
-            "the step-time runs.",
-        ]
-    components = report.get("components")
-    if components is not None:
-        step_ms = 1000 * step[headline]["grpo"]["median"] if step is not None else None
-        rows = []
-        labels = {
-            "generate_and_score": "`_generate_and_score_completions`",
-            "loss_backward": "`_compute_loss` + backward",
-        }
-        for name, c in components.items():
-            rows.append(
-                [
-                    labels[name],
-                    f"{1000 * c['grpo']['median']:.1f}",
-                    f"{1000 * c['hpt']['median']:.1f}",
-                    f"{c['difference_ms']:+.1f}",
-                    f"{100 * c['difference_ms'] / step_ms:+.1f}%" if step_ms else "",
-                    f"{c['host_syncs']['grpo']} / {c['host_syncs']['hpt']}",
-                ]
-            )
-        if step_ms:
-            extra = sum(c["difference_ms"] for c in components.values())
-            rows.append(
-                ["sum: estimated HPT/GRPO step ratio", "", "", f"{extra:+.1f}", f"{1 + extra / step_ms:.3f}", ""]
-            )
-        lines += [
-            "",
-            f"Overhead by component (same config, one batch, {settings['component_repetitions']} alternating "
-            f"repetitions, medians of {headline} time): HPT's override against GRPOTrainer's method on the same "
-            "trainer and inputs. Host syncs: tensor-to-Python conversions per call (`item`, `bool`, `float`, `int`, "
-            "`tolist`), each a device synchronisation on a GPU.",
-            "",
-            markdown_table(
-                ["component", "GRPO (ms)", "HPT (ms)", "HPT - GRPO (ms)", "of a GRPO step", "host syncs GRPO / HPT"],
-                rows,
-            ),
-        ]
-    if "loss_pass" in report:
-        lines += [
-            "",
-            f"**(b) Loss pass** (`_compute_loss` + `backward`), a fraction g of the groups sent to SFT: hidden "
-            f"{settings['loss_hidden']}, {settings['loss_layers']} layers, {settings['loss_prompts']} prompts x "
-            f"{settings['num_generations']} generations = {settings['loss_prompts'] * settings['num_generations']} "
-            f"rows, completions and demonstrations up to {settings['loss_completion']} tokens, "
-            f"{settings['loss_repetitions']} alternating repetitions after a warm-up. HPT/GRPO = ratio of medians "
-            f"({headline} time); ideal = 1 - g + g/G; target: within {LOSS_PASS_TOLERANCE:.0%} of ideal.",
-            "",
-        ]
-        rows = []
-        for e in report["loss_pass"]["results"]:
-            s = e[headline]
-            dev = s["deviation_from_ideal"]
-            row = [
-                f"{e['g']:.2f}",
-                f"{e['rows_through_model_hpt']}/{e['rows_through_model_grpo']}",
-                f"{s['grpo']['median']:.4f}",
-                f"{s['hpt']['median']:.4f}",
-                f"{s['ratio_of_medians']:.3f}",
-                _fmt_range(s["pair_ratio"]),
-                f"{e['ideal_ratio']:.3f}",
-                f"{dev:+.1%}",
-            ]
-            if headline == "cpu":
-                row.append(f"{e['wall']['ratio_of_medians']:.3f}")
-            row.append(_met(abs(dev) <= LOSS_PASS_TOLERANCE))
-            rows.append(row)
-        headers = ["g", "rows HPT/GRPO", "GRPO (s)", "HPT (s)", "HPT/GRPO", "pair min-max", "ideal", "vs ideal"]
-        headers += ["wall HPT/GRPO"] if headline == "cpu" else []
-        lines.append(markdown_table([*headers, "target"], rows))
-    return "\n".join(lines) + "\n"
-
-
-def _ratio_row(label: str, s: dict, digits: int, target: float | None) -> list[str]:
-    verdict = "(context)" if target is None else f"<= {target}: {_met(s['ratio']['median'] <= target)}"
-    return [
-        label,
-        f"{s['grpo']['median']:.{digits}f}",
-        f"{s['hpt']['median']:.{digits}f}",
-        f"{s['ratio']['median']:.3f}",
-        _fmt_range(s["ratio"]),
-        verdict,
-    ]
-
-
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test")
@@ -888,7 +736,12 @@ def main(argv=None) -> dict | None:
             parser.error("--device cuda was given but torch.cuda.is_available() is False")
 
     start = time.time()
-    report = {"machine": machine_info(args.device), "settings": asdict(settings), "quick": args.quick}
+    report = {
+        "benchmark": "speed",
+        "machine": machine_info(args.device),
+        "settings": asdict(settings),
+        "quick": args.quick,
+    }
     report["load_average_start"] = os.getloadavg()
     report["targets"] = {"time_ratio": TIME_TARGET, "memory_ratio": MEMORY_TARGET, "loss_pass": LOSS_PASS_TOLERANCE}
     print(f"[speed] {machine_line(report['machine'])}", flush=True)
@@ -912,18 +765,14 @@ def main(argv=None) -> dict | None:
     report["section_seconds"] = sections
     report["seconds"] = time.time() - start
     report["load_average_end"] = os.getloadavg()
-    markdown = render_markdown(report)
-    print(markdown)
+    if args.json:
+        write_json(args.json, report)
+    print(render(report, markdown=args.markdown))
     print(
         f"[speed] done in {report['seconds']:.0f}s ("
         + ", ".join(f"{k} {v:.0f}s" for k, v in sections.items())
         + f"; load average {os.getloadavg()[0]:.1f})"
     )
-    if args.json:
-        write_json(args.json, report)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown)
     return report
 
 

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 # The checkout's package first, whichever way the script is started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trl_hpt.batch import HPTRows, hpt_rows
 from trl_hpt.testing import addition_rows, build_char_tokenizer, build_tiny_model, tiny_model, train_args  # noqa: E402
 
 
@@ -169,22 +170,20 @@ def record_steps(trainer) -> list[dict]:
     def _mix_demonstrations(output, inputs, demos, *args):
         output = original_mix(output, inputs, demos, *args)
         mask = output["completion_mask"]
-        # A batch with nothing of HPT's in it is GRPOTrainer's own, without the HPT keys.
-        plain = {"hpt_offline": torch.zeros(mask.size(0), dtype=torch.bool), "hpt_weight": torch.ones(mask.size(0))}
-        plain["hpt_token_mean_tokens"] = torch.zeros(())
-        output_or_plain = {**plain, **output}
+        # A batch with nothing of HPT's in it is GRPOTrainer's own, without the HPT key.
+        rows = hpt_rows(output) or HPTRows(torch.zeros(mask.size(0), dtype=torch.bool), torch.ones(mask.size(0)), 0, 0)
         steps.append(
             {
                 "step": trainer.state.global_step,
                 **pending,
                 "row_index": [d.index for d in demos] if demos is not None else [],
-                "offline": output_or_plain["hpt_offline"].tolist(),
-                "weight": output_or_plain["hpt_weight"].tolist(),
+                "offline": rows.offline.tolist(),
+                "weight": rows.weights.tolist(),
                 "advantages": output["advantages"].tolist(),
                 "tokens": mask.sum(-1).tolist(),
                 "completions": [ids[m.bool()].tolist() for ids, m in zip(output["completion_ids"], mask)],
                 "num_items_in_batch": float(output["num_items_in_batch"]),
-                "token_mean_tokens": float(output_or_plain["hpt_token_mean_tokens"]),
+                "token_mean_tokens": float(rows.separate_tokens),
             }
         )
         pending.clear()

@@ -9,19 +9,21 @@ import torch.nn.functional as F
 from trl_hpt.estimator import (
     PRESETS,
     EstimatorSpec,
+    HybridBatch,
     aggregate_loss,
-    compute_advantages,
+    clip_fractions,
     get_preset,
     group_advantages,
     hybrid_loss,
+    importance_ratio,
     loss_type_denominator,
-    mixed_group_advantages,
     mixed_per_token_loss,
     online_spec_from_grpo_config,
     per_token_policy_loss,
     sign_advantages,
     token_mean_loss,
 )
+from trl_hpt.grpo_mirror import grpo_advantages
 
 
 B, T, V = 6, 7, 11
@@ -247,11 +249,11 @@ def test_nan_rewards_are_left_out_and_get_zero_advantage():
 def test_mixed_group_includes_offline_row():
     rewards = torch.tensor([0.0, 0.0, 0.0, 0.0])  # nobody solved it: GRPO has no signal
     offline_mask = torch.tensor([False, False, False, True])
-    adv = mixed_group_advantages(rewards, torch.ones(4), offline_mask, 4, "none")
+    # The demonstration's reward in its slot, as HPTTrainer forms LUFFY's and SRFT's mixed groups.
+    mixed = torch.where(offline_mask, torch.ones(4), rewards).unsqueeze(1)
+    adv = grpo_advantages(mixed, torch.ones(1), 4, "none")
     torch.testing.assert_close(adv, torch.tensor([-0.25, -0.25, -0.25, 0.75]))
-    spec = PRESETS["luffy"]
-    via_dispatch = compute_advantages(spec, rewards, 4, offline_rewards=torch.ones(4), offline_mask=offline_mask)
-    torch.testing.assert_close(via_dispatch, mixed_group_advantages(rewards, torch.ones(4), offline_mask, 4, "group"))
+    torch.testing.assert_close(grpo_advantages(mixed, torch.ones(1), 4, "group"), group_advantages(mixed[:, 0], 4))
 
 
 def test_sign_advantages():
@@ -298,33 +300,26 @@ def test_hybrid_loss_terms_and_skipping_rows():
         online_spec=PRESETS["grpo"],
         offline_spec=PRESETS["sft"],
         loss_type="dapo",
-        policy_denominator=policy_den,
-        token_mean_denominator=sft_den,
         offline_coef=0.3,
     )
-    full = hybrid_loss(lp, mask, offline=offline, weights=weights, advantages=adv, old_per_token_logps=old, **kw)
+    denominators = dict(policy_denominator=policy_den, token_mean_denominator=sft_den)
+    full_loss, metrics = hybrid_loss(HybridBatch(lp, mask, offline, weights, adv, old, **denominators), **kw)
     # by hand: policy term over online rows, SFT term over demonstration tokens
     grpo = per_token_policy_loss(PRESETS["grpo"], lp, old, adv, mask)
     sft = per_token_policy_loss(PRESETS["sft"], lp, None, None, mask)
     by_hand = (grpo.sum(-1) * weights * online).sum() / policy_den + 0.3 * (
         sft.sum(-1) * weights * offline
     ).sum() / sft_den
-    torch.testing.assert_close(full.loss, by_hand)
-    (g_full,) = torch.autograd.grad(full.loss, logits)
+    torch.testing.assert_close(full_loss, by_hand)
+    torch.testing.assert_close(metrics["token_mean_loss"], 0.3 * (sft.sum(-1) * weights * offline).sum() / sft_den)
+    (g_full,) = torch.autograd.grad(full_loss, logits)
 
     keep = weights > 0
     lp_kept = torch.log_softmax(logits[keep], -1).gather(-1, tokens[keep].unsqueeze(-1)).squeeze(-1)
-    part = hybrid_loss(
-        lp_kept,
-        mask[keep],
-        offline=offline[keep],
-        weights=weights[keep],
-        advantages=adv[keep],
-        old_per_token_logps=old[keep],
-        **kw,
-    )
-    (g_part,) = torch.autograd.grad(part.loss, logits)
-    torch.testing.assert_close(part.loss, full.loss, atol=1e-12, rtol=0)
+    kept = HybridBatch(lp_kept, mask[keep], offline[keep], weights[keep], adv[keep], old[keep], **denominators)
+    part_loss, _ = hybrid_loss(kept, **kw)
+    (g_part,) = torch.autograd.grad(part_loss, logits)
+    torch.testing.assert_close(part_loss, full_loss, atol=1e-12, rtol=0)
     torch.testing.assert_close(g_part, g_full, atol=1e-12, rtol=0)
 
 
@@ -335,3 +330,32 @@ def test_mixed_per_token_loss_uses_each_rows_spec():
     a = per_token_policy_loss(PRESETS["cispo"], lp, old, adv, mask)
     b = per_token_policy_loss(PRESETS["luffy"], lp, None, adv, mask)
     torch.testing.assert_close(out, torch.where(row_spec.bool().unsqueeze(1), b, a))
+
+
+@pytest.mark.parametrize("online", ["grpo", "gspo", "cispo"])
+def test_hybrid_loss_with_the_callers_ratio_equals_its_own_and_reports_clipping(online):
+    """A ratio formed once by the caller (for a bias-corrected KL) gives the same loss, gradient and clip masks."""
+    logits, _, lp, old, adv, mask, _ = make_batch(9)
+    changes = {
+        "grpo": {"delta": 2.0},
+        "gspo": {"epsilon_low": 0.1, "epsilon_high": 0.1},
+        "cispo": {"epsilon_high": 1.5},
+    }
+    spec = PRESETS[online].replace(**changes[online])
+    offline = torch.tensor([False, True, False, False, True, False])
+    weights = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0, 2.0], dtype=torch.float64)
+    kw = dict(online_spec=spec, offline_spec=PRESETS["sft"], loss_type="dapo")
+    dens = dict(policy_denominator=20.0, token_mean_denominator=7.0)
+    own_loss, own = hybrid_loss(HybridBatch(lp, mask, offline, weights, adv, old, **dens), **kw)
+    (own_grad,) = torch.autograd.grad(own_loss, logits, retain_graph=True)
+    ratio = importance_ratio(lp, old, mask, spec.ratio_level)
+    given_loss, given = hybrid_loss(HybridBatch(lp, mask, offline, weights, adv, old, ratio=ratio, **dens), **kw)
+    (given_grad,) = torch.autograd.grad(given_loss, logits)
+    torch.testing.assert_close(given_loss, own_loss, atol=0, rtol=0)
+    torch.testing.assert_close(given_grad, own_grad, atol=0, rtol=0)
+    counted = ratio.detach() if spec.delta is None else ratio.detach().clamp(max=spec.delta)
+    expected = clip_fractions(spec, counted, adv)
+    assert sorted(own) == sorted(["policy_loss", "token_mean_loss", *(f"clip/{k}" for k in expected)])
+    for name, clipped in expected.items():
+        assert torch.equal(own[f"clip/{name}"], clipped) and torch.equal(given[f"clip/{name}"], clipped)
+    assert any(bool(c[~offline].any()) for c in expected.values())  # the batch does clip some rollout tokens

@@ -144,7 +144,7 @@ def test_converted_model_is_an_ordinary_checkpoint(smollm2_dir, tokenizer):
 
 
 def test_demonstration_tokens_are_the_template_continuation(tokenizer):
-    from trl_hpt.data import DemonstrationStore, tokenize_demonstration
+    from trl_hpt.demonstrations import DemonstrationStore, tokenize_demonstration
 
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = conversational_rows()

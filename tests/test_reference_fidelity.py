@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from trl_hpt import HPTConfig
+from trl_hpt.batch import hpt_rows
 from trl_hpt.testing import PAIRS, addition_rows, dense_reward, generation_batch, make_trainer, slot_reward, train_args
 
 
@@ -60,7 +61,7 @@ def test_one_configuration_reproduces_the_reference_loss_and_gradients(tmp_path,
     hpt_grads = [p.grad.clone() for p in model.parameters()]
 
     # The reference, written from its formulas on the same rows.
-    offline = batch["hpt_offline"].view(-1, G)
+    offline = hpt_rows(batch).offline.view(-1, G)
     sft_prompts = offline[:, -1]
     assert sft_prompts.tolist() == [True, False, True, False]
     demo_rows = offline.reshape(-1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2MoeConfig
 
+from trl_hpt.batch import hpt_rows
 from trl_hpt.testing import (
     LOSS_CONFIGS,
     PAIRS,
@@ -46,7 +47,7 @@ def test_skipping_zero_weight_rows_changes_no_loss_gradient_or_metric(tmp_path, 
     # The first two prompts are never solved: switch sends them to SFT, their rollouts get weight zero.
     trainer = gated_trainer(tmp_path / "out", char_tokenizer, **LOSS_CONFIGS[name])
     batch = _off_policy(trainer, generation_batch(trainer, G))
-    assert int((batch["hpt_weight"] == 0).sum()) == 2 * (G - 1)  # two gated groups' rollouts
+    assert int((hpt_rows(batch).weights == 0).sum()) == 2 * (G - 1)  # two gated groups' rollouts
     sizes = count_forward_rows(trainer)
 
     # Adaptive entropy updates its controller on every call: start both passes from the same state.

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from trl_hpt.batch import hpt_rows
 from trl_hpt.config import HPTConfig
 from trl_hpt.testing import PAIRS, addition_rows, generation_batch, loss_and_grads, make_trainer, slot_reward
 
@@ -24,7 +25,8 @@ def test_only_the_rollouts_of_solved_prompts_get_the_advantage(tmp_path, char_to
     torch.manual_seed(0)
     trainer = _trainer(tmp_path / "b", char_tokenizer, counts, feedback=feedback, solved_advantage=0.5, **extra)
     bonus = generation_batch(trainer, G)
-    offline = bonus.get("hpt_offline", torch.zeros(len(PAIRS) * G, dtype=torch.bool))
+    rows = hpt_rows(bonus)
+    offline = rows.offline if rows is not None else torch.zeros(len(PAIRS) * G, dtype=torch.bool)
     expected = plain["advantages"].view(-1, G).clone()
     solved_rows = ~offline.view(-1, G)
     solved_rows[:2] = False

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from trl_hpt.batch import hpt_rows, replace_rows
 from trl_hpt.testing import (
     PAIRS,
     addition_rows,
@@ -44,7 +45,7 @@ def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokeniz
     out = generation_batch(trainer, G)
     accuracy = torch.tensor([k[r["prompt"]] / G for r in rows])
     to_sft = accuracy <= gate
-    offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
+    offline, weights = hpt_rows(out).offline.view(-1, G), hpt_rows(out).weights.view(-1, G)
     # Exactly the gated prompts get their demonstration, in the last slot, with weight beta = 1.
     assert offline[:, -1].tolist() == to_sft.tolist() and not offline[:, :-1].any()
     assert weights[to_sft].tolist() == [[0.0, 0.0, 0.0, 1.0]] * int(to_sft.sum())
@@ -63,9 +64,9 @@ def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokeniz
     assert metrics["hpt/rl_fraction"][-1] == pytest.approx(1 - to_sft.float().mean().item())
     assert metrics["hpt/prompt_accuracy"][-1] == pytest.approx(accuracy.mean().item())
     # global token count is recomputed over the rows the policy term sees (demonstration rows excluded for sft)
-    mask = out["completion_mask"][~out["hpt_offline"]]
+    mask = out["completion_mask"][~hpt_rows(out).offline]
     assert out["num_items_in_batch"].item() == mask.sum().item()
-    assert out["hpt_token_mean_tokens"].item() == out["completion_mask"][out["hpt_offline"]].sum().item()
+    assert hpt_rows(out).separate_tokens == out["completion_mask"][hpt_rows(out).offline].sum().item()
 
 
 @pytest.mark.parametrize(
@@ -89,9 +90,9 @@ def test_feedback_strategies_produce_their_weights(tmp_path, char_tokenizer, fee
     out = generation_batch(trainer, G)
     if feedback == "rl":
         # Nothing of HPT's in the batch: it is GRPOTrainer's own, trained by GRPOTrainer's loss.
-        assert "hpt_weight" not in out and "hpt_offline" not in out
+        assert hpt_rows(out) is None
         return
-    weights, offline = out["hpt_weight"].view(-1, G), out["hpt_offline"].view(-1, G)
+    weights, offline = hpt_rows(out).weights.view(-1, G), hpt_rows(out).offline.view(-1, G)
     for i, row in enumerate(rows):
         alpha, beta = expected(k[row["prompt"]] / G)
         assert offline[i, -1].item() == (beta > 0)
@@ -159,7 +160,7 @@ def test_rank_with_only_zero_weight_rows_still_runs_forward_backward(tmp_path, c
     rows = addition_rows(PAIRS)
     trainer = make_trainer(tmp_path, char_tokenizer, rows, rollout_index_reward(correct_counts(0, 0, 0, 0)))
     batch = generation_batch(trainer, G)
-    batch["hpt_weight"] = torch.zeros_like(batch["hpt_weight"])
+    batch = replace_rows(batch, weights=torch.zeros_like(hpt_rows(batch).weights))
     trainer.model.zero_grad()
     loss = trainer._compute_loss(trainer.model, batch)
     loss.backward()
@@ -212,7 +213,7 @@ def test_rows_without_demonstration_train_by_rl_and_are_counted(tmp_path, char_t
         tmp_path, char_tokenizer, rows, rollout_index_reward(dict.fromkeys([r["prompt"] for r in rows], 0))
     )
     out = generation_batch(trainer, G)
-    offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
+    offline, weights = hpt_rows(out).offline.view(-1, G), hpt_rows(out).weights.view(-1, G)
     assert offline[:, -1].tolist() == [False, False, True, True]
     assert weights[:2].tolist() == [[1.0] * G] * 2  # RL only, as under GRPO
     assert trainer._metrics["train"]["hpt/no_demo_fraction"][-1] == 0.5
@@ -248,7 +249,7 @@ def test_reward_none_counts_as_neither_success_nor_failure(tmp_path, char_tokeni
 
     trainer = make_trainer(tmp_path, char_tokenizer, rows, reward)
     out = generation_batch(trainer, G)
-    offline, weights = out["hpt_offline"].view(-1, G), out["hpt_weight"].view(-1, G)
+    offline, weights = hpt_rows(out).offline.view(-1, G), hpt_rows(out).weights.view(-1, G)
     # Only prompt 2 (scored, never correct) goes to SFT; the unscored prompt trains as GRPO would (weight 1).
     assert offline[:, -1].tolist() == [False, False, True, False]
     assert weights[0].tolist() == [1.0] * G
@@ -296,7 +297,7 @@ def test_offline_aggregation_loss_equals_its_closed_form(tmp_path, char_tokenize
     with torch.no_grad():
         logps = per_token_logps(trainer, batch)
     mask = batch["completion_mask"].float()
-    offline, weight = batch["hpt_offline"], batch["hpt_weight"]
+    offline, weight = hpt_rows(batch).offline, hpt_rows(batch).weights
     # One update per generation batch: the ratio is 1, a rollout token's loss is -A; a demonstration token's -log p.
     per_token = torch.where(offline.unsqueeze(1), -logps, -batch["advantages"].view(-1, 1).expand_as(logps))
     row_weight = torch.where(offline, coef * weight, weight).unsqueeze(1)

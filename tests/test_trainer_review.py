@@ -17,7 +17,8 @@ from trl import GRPOTrainer
 from trl.rewards import accuracy_reward, get_soft_overlong_punishment
 
 from trl_hpt import HPTTrainer
-from trl_hpt.data import Demonstration, tokenize_demonstration
+from trl_hpt.batch import attach_rows, hpt_rows
+from trl_hpt.demonstrations import Demonstration, tokenize_demonstration
 from trl_hpt.testing import PAIRS, addition_rows, dense_reward, generation_batch, make_trainer
 
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo_advantages(out):
-    return out["advantages"].view(-1, G)[:, -1][out["hpt_offline"].view(-1, G)[:, -1]]
+    return out["advantages"].view(-1, G)[:, -1][hpt_rows(out).offline.view(-1, G)[:, -1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def test_widening_covers_prompt_plus_completion_keys_and_pads_with_the_pad_token
     }
     demo = [30, 31, 32, 33, char_tokenizer.eos_token_id]
     offline = torch.tensor([False, False, False, True])
-    trainer._swap_in_demonstrations(output, offline, [Demonstration(demo)] * rows)
+    trainer._place_demonstrations(output, offline, [Demonstration(demo)] * rows)
     assert output["completion_ids"].shape == (rows, len(demo))
     for key in ("token_type_ids", "mm_token_type_ids"):
         assert output[key].shape == (rows, prompt_width + len(demo)), key  # was left at prompt + 2: IndexError
@@ -219,12 +220,13 @@ def test_denominators_are_clamped_before_they_are_spread(tmp_path, char_tokenize
     trainer = make_trainer(
         tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward, loss_type="grpo", steps_per_generation=2
     )
-    inputs = {
-        "completion_mask": torch.ones(2, 3),
-        "hpt_offline": torch.tensor([False, True]),
-        "hpt_token_mean_tokens": torch.tensor(1.0),
-        "hpt_policy_rows": torch.tensor(1.0),
-    }
+    inputs = attach_rows(
+        {"completion_mask": torch.ones(2, 3)},
+        offline=torch.tensor([False, True]),
+        weights=torch.ones(2),
+        policy_rows=1.0,
+        separate_tokens=1.0,
+    )
     policy, token_mean = trainer._denominators(inputs, accumulation=1, training=True)
     # Half of the batch's one row / one token per micro-batch: before, both read 1 (the SFT term weighed half).
     assert (policy, token_mean) == (0.5, 0.5)
@@ -314,7 +316,7 @@ def test_truncated_demonstrations_follow_mask_truncated_completions(tmp_path, ch
         )
         out = generation_batch(trainer, G)
         # Masked: the cut demonstration is not trained (its prompt stays RL); otherwise it is, like the others.
-        assert out["hpt_offline"].view(-1, G)[:, -1].tolist() == [not masked, True, True, True]
+        assert hpt_rows(out).offline.view(-1, G)[:, -1].tolist() == [not masked, True, True, True]
 
 
 CHATML = (

@@ -12,7 +12,8 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from trl_hpt.data import Demonstration
+from trl_hpt.batch import hpt_rows, replace_rows
+from trl_hpt.demonstrations import Demonstration
 from trl_hpt.testing import assert_same, gated_trainer, generation_batch, loss_and_grads, per_token_logps
 
 
@@ -40,7 +41,7 @@ def add_vllm_fields(trainer, batch):
     """
     torch.manual_seed(0)
     mask = batch["completion_mask"]
-    offline = batch["hpt_offline"].unsqueeze(1)
+    offline = hpt_rows(batch).offline.unsqueeze(1)
     with torch.no_grad():
         old = per_token_logps(trainer, batch)
     # Rollouts were sampled by a policy a little off the training one, so the ratios are not 1 and some rollouts
@@ -78,7 +79,7 @@ def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
     tmp_path, char_tokenizer, feedback, offline_loss, mode
 ):
     trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
-    offline = batch["hpt_offline"]
+    offline = hpt_rows(batch).offline
     assert offline.any() and (~offline).any()
     # A negative advantage on demonstrations (luffy: a legal mixed-group value; sft: ignored), so that the
     # off-policy mask would drop them if it reached them.
@@ -92,7 +93,7 @@ def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
     assert_same(loss_and_grads(trainer, poisoned), reference, atol=0, rtol=0)
 
     # The same changes on rollout rows do change the loss: they are live inputs there.
-    online = (~offline & (batch["hpt_weight"] > 0)).unsqueeze(1)
+    online = (~offline & (hpt_rows(batch).weights > 0)).unsqueeze(1)
     changed = dict(batch)
     changed["importance_sampling_ratio"] = torch.where(
         online, 0.5 * batch["importance_sampling_ratio"], batch["importance_sampling_ratio"]
@@ -105,7 +106,7 @@ def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
 def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, feedback, offline_loss, mode):
     """HPT's loss = GRPOTrainer's loss on the weighted rollout rows + the demonstration term, with vLLM's inputs on."""
     trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
-    offline, weights = batch["hpt_offline"], batch["hpt_weight"]
+    offline, weights = hpt_rows(batch).offline, hpt_rows(batch).weights
     rollouts = ~offline & (weights > 0)
     assert set(weights[rollouts].tolist()) == {1.0}
     # The off-policy mask and the ratio both act in this batch (else the comparison would not test them).
@@ -123,7 +124,7 @@ def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, fee
     hpt = loss_and_grads(trainer, batch)
     # dapo divides by the generation batch's token count, so the rollout sub-batch keeps the full batch's normaliser.
     grpo = loss_and_grads(trainer, rows_of(batch, rollouts), compute_loss=GRPOTrainer._compute_loss)
-    demonstrations_only = dict(batch, hpt_weight=torch.where(offline, weights, torch.zeros_like(weights)))
+    demonstrations_only = replace_rows(batch, weights=torch.where(offline, weights, torch.zeros_like(weights)))
     demo = loss_and_grads(trainer, demonstrations_only)
     assert demo[0] != 0
     combined = (grpo[0] + demo[0], [g + d for g, d in zip(grpo[1], demo[1])])
@@ -151,7 +152,7 @@ def test_swap_writes_neutral_vllm_fields_for_demonstrations(tmp_path, char_token
     before = {k: v.clone() for k, v in output.items()}
     demo = [30, 31, 32, 33, char_tokenizer.eos_token_id]  # longer than the rollouts: the batch widens
     offline = torch.tensor([False, False, False, True, False, False, False, False])
-    trainer._swap_in_demonstrations(output, offline, [Demonstration(demo)] * num_rows)
+    trainer._place_demonstrations(output, offline, [Demonstration(demo)] * num_rows)
 
     new_width = len(demo)
     assert output["completion_ids"].shape == (num_rows, new_width)
@@ -182,7 +183,7 @@ def test_sequence_level_ratio_stays_per_sequence_when_rollouts_are_one_token_lon
         "advantages": torch.randn(num_rows),
     }
     offline = torch.tensor([False, False, False, True])
-    trainer._swap_in_demonstrations(output, offline, [Demonstration([30, 31, char_tokenizer.eos_token_id])] * num_rows)
+    trainer._place_demonstrations(output, offline, [Demonstration([30, 31, char_tokenizer.eos_token_id])] * num_rows)
     assert output["completion_ids"].shape == (num_rows, 3)
     # Still one ratio per sequence: widening it would correct only each rollout's first token.
     assert output["importance_sampling_ratio"].shape == (num_rows, 1)

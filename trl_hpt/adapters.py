@@ -494,7 +494,7 @@ def adapt_dataset(
     """
     from datasets import Dataset, Features
 
-    from trl_hpt.data import column_names
+    from trl_hpt.demonstrations import column_names
 
     columns = column_names(dataset)
     if columns is None:  # a streamed dataset may not know its columns before the first row

@@ -59,8 +59,10 @@ class EstimatorSpec:
             The advantage estimate `A_hat`: `"one"` (SFT: advantages are ignored), `"reward"` (the raw reward),
             `"group"` (`(R - mean_G) / std_G`), `"group_mean"` (`R - mean_G`, Dr. GRPO), `"batch"` (group mean,
             batch std), `"sign"` (`+1` for a correct rollout, `-1` otherwise) or `"group_mixed"` (group statistics
-            over the on-policy rollouts and the off-policy demonstration together: LUFFY, SRFT). The trainer computes
-            advantages with [`compute_advantages`]; [`per_token_policy_loss`] only reads `"one"`.
+            over the on-policy rollouts and the off-policy demonstration together: LUFFY, SRFT). Advantages are an input
+            of [`per_token_policy_loss`], which only reads `"one"`; `HPTTrainer` takes `GRPOTrainer`'s (re-formed with
+            the demonstration for `"group_mixed"`), and [`group_advantages`] and [`sign_advantages`] compute the
+            others for direct use.
         epsilon_low (`float`, *optional*, defaults to `0.2`):
             Lower clip range for `"clip"`.
         epsilon_high (`float`, *optional*, defaults to `0.2`):
@@ -139,6 +141,11 @@ class EstimatorSpec:
     def needs_old_logps(self) -> bool:
         """Whether the spec reads `pi_old` (ratio-based references)."""
         return self.reference in ("rollout", "sequence")
+
+    @property
+    def ratio_level(self) -> str:
+        """The level of the importance ratio: `"sequence"` (GSPO's geometric mean) or `"token"`."""
+        return "sequence" if self.reference == "sequence" else "token"
 
     @property
     def reads_advantages(self) -> bool:
@@ -245,6 +252,25 @@ def online_spec_from_grpo_config(args: Any) -> EstimatorSpec:
     return base.with_grpo_config(args).replace(advantage=advantage or "group")
 
 
+def offline_spec_from_hpt_config(args: Any, has_rl_term: bool = True) -> EstimatorSpec:
+    """
+    The estimator of demonstration rows for an `HPTConfig`: the `offline_loss` preset, with `offline_shaping_gamma`
+    where the preset shapes, reduced as `offline_aggregation` says.
+
+    `offline_aggregation=None` keeps the preset's own reduction when no RL term sits beside it (`feedback="sft"`:
+    exactly cross-entropy training) and otherwise reduces demonstration tokens with the rollouts (`"loss_type"`):
+    beside an RL term a separate token mean makes a demonstration token weigh 25-190 times a rollout token's
+    (`benchmarks/balance.py`), while reduced with the rollouts it weighs what a rollout token with `A = 1` does.
+    """
+    spec = get_preset(args.offline_loss)
+    if spec.shaping_gamma is not None:
+        spec = spec.replace(shaping_gamma=args.offline_shaping_gamma)
+    aggregation = args.offline_aggregation
+    if aggregation is None and has_rl_term:
+        aggregation = "loss_type"
+    return spec if aggregation is None else spec.replace(aggregation=aggregation)
+
+
 def _as_column(advantages: torch.Tensor | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
     if advantages is None:
         raise ValueError("advantages are required for presets whose advantage estimate is not 'one'.")
@@ -259,11 +285,11 @@ def _as_column(advantages: torch.Tensor | None, batch_size: int, like: torch.Ten
 
 
 def importance_ratio(
-    spec: EstimatorSpec, per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, mask: torch.Tensor
+    per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, mask: torch.Tensor, level: str = "token"
 ) -> torch.Tensor:
-    """`pi_theta / pi_old` per token `(B, T)` (`"rollout"`) or per sequence `(B, 1)` (`"sequence"`, GSPO)."""
+    """`pi_theta / pi_old` per token `(B, T)` (`level="token"`) or per sequence `(B, 1)` (`"sequence"`, GSPO)."""
     log_ratio = per_token_logps - old_per_token_logps
-    if spec.reference == "sequence":
+    if level == "sequence":
         mask = mask.to(log_ratio.dtype)
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     return torch.exp(log_ratio)
@@ -275,6 +301,7 @@ def per_token_policy_loss(
     old_per_token_logps: torch.Tensor | None,
     advantages: torch.Tensor | None,
     mask: torch.Tensor,
+    ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     The per-token surrogate loss of the unified estimator, before aggregation.
@@ -301,6 +328,8 @@ def per_token_policy_loss(
         advantages (`torch.Tensor` of shape `(B,)`, `(B, 1)` or `(B, T)`, *optional*):
             `A_hat`. Ignored (may be `None`) when `spec.advantage == "one"`.
         mask (`torch.Tensor` of shape `(B, T)`): 1 for completion tokens, 0 for padding.
+        ratio (`torch.Tensor`, *optional*):
+            The [`importance_ratio`] of these rows, when the caller already formed it; otherwise computed here.
 
     Returns:
         `torch.Tensor` of shape `(B, T)`: the per-token loss, zero where `mask` is zero.
@@ -323,8 +352,9 @@ def per_token_policy_loss(
         else:
             loss = -adv * torch.exp(lp)
     else:
-        old = lp.detach() if old_per_token_logps is None else old_per_token_logps
-        ratio = importance_ratio(spec, lp, old, mask)
+        if ratio is None:
+            old = lp.detach() if old_per_token_logps is None else old_per_token_logps
+            ratio = importance_ratio(lp, old, mask, spec.ratio_level)
         if spec.stabilization == "clip":
             unclipped = ratio if spec.delta is None else torch.clamp(ratio, max=spec.delta)
             clipped = torch.clamp(ratio, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
@@ -413,54 +443,10 @@ def group_advantages(
     return torch.nan_to_num(advantages, nan=0.0)
 
 
-def mixed_group_advantages(
-    rewards: torch.Tensor,
-    offline_rewards: torch.Tensor,
-    offline_mask: torch.Tensor,
-    num_generations: int,
-    scale_rewards: str = "group",
-    eps: float = 1e-4,
-) -> torch.Tensor:
-    """
-    Advantages over a group that mixes on-policy rollouts and an off-policy demonstration (LUFFY, SRFT).
-
-    Rows where `offline_mask` is true hold a demonstration: their reward is `offline_rewards` at the same index, and
-    it enters the group's mean and std like any rollout's.
-    """
-    mixed = torch.where(offline_mask.bool(), offline_rewards.to(rewards.dtype), rewards)
-    return group_advantages(mixed, num_generations, scale_rewards, eps)
-
-
 def sign_advantages(rewards: torch.Tensor, success_threshold: float = 1.0) -> torch.Tensor:
     """REINFORCE-sign advantages: `+1` for a correct rollout (reward >= threshold), `-1` otherwise (NaN included)."""
     correct = correct_rollouts(rewards, success_threshold)
     return correct.to(rewards.dtype if rewards.is_floating_point() else torch.float32) * 2 - 1
-
-
-def compute_advantages(
-    spec: EstimatorSpec,
-    rewards: torch.Tensor,
-    num_generations: int,
-    *,
-    offline_rewards: torch.Tensor | None = None,
-    offline_mask: torch.Tensor | None = None,
-    success_threshold: float = 1.0,
-    eps: float = 1e-4,
-) -> torch.Tensor:
-    """Dispatches to the advantage estimator that `spec.advantage` names."""
-    kind = spec.advantage
-    if kind == "one":
-        return torch.ones_like(rewards)
-    if kind == "reward":
-        return torch.nan_to_num(rewards, nan=0.0)
-    if kind == "sign":
-        return sign_advantages(rewards, success_threshold)
-    scale = {"group": "group", "group_mixed": "group", "group_mean": "none", "batch": "batch"}[kind]
-    if kind == "group_mixed":
-        if offline_rewards is None or offline_mask is None:
-            raise ValueError("advantage='group_mixed' needs offline_rewards and offline_mask.")
-        return mixed_group_advantages(rewards, offline_rewards, offline_mask, num_generations, scale, eps)
-    return group_advantages(rewards, num_generations, scale, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -584,13 +570,39 @@ def batch_counts(mask: torch.Tensor, offline: torch.Tensor, offline_spec: Estima
     return BatchCounts(*counts)
 
 
-class HybridLoss(NamedTuple):
-    """Output of [`hybrid_loss`]: the total, its two terms (detached, for logging) and the per-token loss."""
+class HybridBatch(NamedTuple):
+    """
+    The input of [`hybrid_loss`]: one micro-batch whose rows mix rollouts and demonstrations.
 
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    token_mean_loss: torch.Tensor
-    per_token_loss: torch.Tensor
+    Args:
+        per_token_logps (`torch.Tensor` of shape `(B, T)`): `log pi_theta` of the completion tokens, with gradient.
+        mask (`torch.Tensor` of shape `(B, T)`): the tokens the loss counts.
+        offline (`torch.Tensor` of shape `(B,)`, bool): which rows hold a demonstration.
+        weights (`torch.Tensor` of shape `(B,)`): alpha for rollout rows, beta for demonstration rows.
+        advantages (`torch.Tensor` of shape `(B,)` or `(B, 1)`): per-row advantages (ignored where a spec's advantage
+            is `"one"`).
+        old_per_token_logps (`torch.Tensor` of shape `(B, T)`, *optional*): `log pi_old`, read for rollout rows only.
+        ratio (`torch.Tensor`, *optional*): the rollouts' [`importance_ratio`] when the caller formed it already
+            (for a bias-corrected KL); rows that are not rollouts are never read.
+        online_token_scale, online_token_bias (`torch.Tensor`, *optional*): `(B, T)` or `(B, 1)` factors applied to
+            rollout rows only before aggregation: TRL's off-policy and entropy masks, vLLM importance ratio (scale)
+            and KL (bias).
+        policy_denominator, token_mean_denominator (`float`): what each term divides by (see
+            [`micro_batch_denominators`]), taken over the full micro-batch so that skipping zero-weight rows changes
+            nothing.
+    """
+
+    per_token_logps: torch.Tensor
+    mask: torch.Tensor
+    offline: torch.Tensor
+    weights: torch.Tensor
+    advantages: torch.Tensor | None
+    old_per_token_logps: torch.Tensor | None = None
+    ratio: torch.Tensor | None = None
+    online_token_scale: torch.Tensor | None = None
+    online_token_bias: torch.Tensor | None = None
+    policy_denominator: float = 1.0
+    token_mean_denominator: float = 1.0
 
 
 def mixed_per_token_loss(
@@ -600,6 +612,7 @@ def mixed_per_token_loss(
     old_per_token_logps: torch.Tensor | None,
     advantages: torch.Tensor | None,
     mask: torch.Tensor,
+    ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     [`per_token_policy_loss`] for a batch whose rows use different specs: row `i` uses `specs[row_spec[i]]`.
@@ -612,67 +625,64 @@ def mixed_per_token_loss(
         rows = (row_spec == key).nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
             continue
+        spec_ratio = ratio if spec.needs_old_logps else None
         if rows.numel() == row_spec.numel():
-            return per_token_policy_loss(spec, per_token_logps, old_per_token_logps, advantages, mask)
+            return per_token_policy_loss(spec, per_token_logps, old_per_token_logps, advantages, mask, spec_ratio)
         old = None
         if spec.needs_old_logps and old_per_token_logps is not None:
             old = old_per_token_logps[rows]
         adv = advantages[rows] if advantages is not None else None
-        out = out.index_put((rows,), per_token_policy_loss(spec, per_token_logps[rows], old, adv, mask[rows]))
+        spec_ratio = spec_ratio[rows] if spec_ratio is not None else None
+        loss = per_token_policy_loss(spec, per_token_logps[rows], old, adv, mask[rows], spec_ratio)
+        out = out.index_put((rows,), loss)
     return out
 
 
 def hybrid_loss(
-    per_token_logps: torch.Tensor,
-    mask: torch.Tensor,
+    batch: HybridBatch,
     *,
     online_spec: EstimatorSpec,
     offline_spec: EstimatorSpec,
-    offline: torch.Tensor,
-    weights: torch.Tensor,
-    advantages: torch.Tensor,
-    old_per_token_logps: torch.Tensor | None,
     loss_type: str,
-    policy_denominator: float,
-    token_mean_denominator: float,
     offline_coef: float = 1.0,
-    online_token_scale: torch.Tensor | None = None,
-    online_token_bias: torch.Tensor | None = None,
-) -> HybridLoss:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""
     HPT's loss for one micro-batch, in a single pass over rows that mix two specs.
 
         L = [sum_online alpha_i l_i + sum_{offline, loss_type agg.} c beta_i l_i] / policy_denominator
             + c * sum_{offline, token_mean agg.} beta_i l_i / token_mean_denominator
 
-    where `l_i` is row `i`'s per-token loss summed as `loss_type` sums it and `c` is `offline_coef`.
+    where `l_i` is row `i`'s per-token loss summed as `loss_type` sums it and `c` is `offline_coef`
+    (`sft_loss_coef`).
 
     Args:
-        per_token_logps, mask: `(B, T)` log-probs (with gradient) and completion mask.
-        online_spec, offline_spec: the estimators of rollout rows and demonstration rows.
-        offline (`torch.Tensor` of shape `(B,)`, bool): which rows hold a demonstration.
-        weights (`torch.Tensor` of shape `(B,)`): alpha for rollout rows, beta for demonstration rows.
-        advantages (`torch.Tensor` of shape `(B,)`): per-row advantages (ignored by specs with advantage `"one"`).
-        old_per_token_logps: `log pi_old`, read for rollout rows only.
-        loss_type: TRL's aggregation for the policy term.
-        policy_denominator, token_mean_denominator: what each term divides by (see [`loss_type_denominator`]);
-            computed by the caller over the full micro-batch so that skipping zero-weight rows changes nothing.
-        offline_coef: `sft_loss_coef`.
-        online_token_scale, online_token_bias: `(B, T)` or `(B, 1)` factors applied to rollout rows only, before
-            aggregation: TRL's off-policy mask, entropy mask, vLLM importance-sampling ratio (scale) and KL (bias).
+        batch ([`HybridBatch`]): the micro-batch.
+        online_spec, offline_spec ([`EstimatorSpec`]): the estimators of rollout rows and demonstration rows.
+        loss_type (`str`): TRL's aggregation for the policy term (or `"max_length_sum"`).
+        offline_coef (`float`): the demonstration rows' coefficient `c`.
+
+    Returns:
+        `(loss, metrics)`: the loss, and detached tensors for logging: `policy_loss` and `token_mean_loss` (the two
+        terms), and for clipping specs the boolean masks of [`clip_fractions`] as `clip/<name>` (shaped like the
+        ratio; only rollout rows are meaningful), counted on the `delta`-capped ratio as `GRPOTrainer` counts them.
     """
-    offline = offline.bool()
-    row_spec = offline.long()
+    offline = batch.offline.bool()
+    mask, old, advantages = batch.mask, batch.old_per_token_logps, batch.advantages
+    per_token_logps = batch.per_token_logps
+    ratio = batch.ratio
+    if ratio is None and online_spec.needs_old_logps:
+        reference = per_token_logps.detach() if old is None else old
+        ratio = importance_ratio(per_token_logps, reference, mask, online_spec.ratio_level)
     per_token = mixed_per_token_loss(
-        {0: online_spec, 1: offline_spec}, row_spec, per_token_logps, old_per_token_logps, advantages, mask
+        {0: online_spec, 1: offline_spec}, offline.long(), per_token_logps, old, advantages, mask, ratio
     )
     online = (~offline).unsqueeze(1)
-    if online_token_scale is not None:
-        per_token = torch.where(online, per_token * online_token_scale, per_token)
-    if online_token_bias is not None:
-        per_token = torch.where(online, per_token + online_token_bias, per_token)
+    if batch.online_token_scale is not None:
+        per_token = torch.where(online, per_token * batch.online_token_scale, per_token)
+    if batch.online_token_bias is not None:
+        per_token = torch.where(online, per_token + batch.online_token_bias, per_token)
 
-    row_weights = torch.where(offline, weights * offline_coef, weights).to(per_token.dtype)
+    row_weights = torch.where(offline, batch.weights * offline_coef, batch.weights).to(per_token.dtype)
     separate = offline if offline_spec.separate_term else torch.zeros_like(offline)
     zero = per_token.new_zeros(())
     policy_rows = ~separate
@@ -683,11 +693,62 @@ def hybrid_loss(
             mask[policy_rows],
             loss_type,
             row_weights=row_weights[policy_rows],
-            denominator=policy_denominator,
+            denominator=batch.policy_denominator,
         )
     token_mean = zero
     if bool(separate.any()):
         token_mean = token_mean_loss(
-            per_token[separate], mask[separate], row_weights=row_weights[separate], denominator=token_mean_denominator
+            per_token[separate],
+            mask[separate],
+            row_weights=row_weights[separate],
+            denominator=batch.token_mean_denominator,
         )
-    return HybridLoss(policy + token_mean, policy.detach(), token_mean.detach(), per_token)
+    metrics = {"policy_loss": policy.detach(), "token_mean_loss": token_mean.detach()}
+    if ratio is not None and advantages is not None:
+        counted = ratio.detach()
+        if online_spec.delta is not None:
+            counted = torch.clamp(counted, max=online_spec.delta)
+        for name, clipped in (clip_fractions(online_spec, counted, advantages) or {}).items():
+            metrics[f"clip/{name}"] = clipped
+    return policy + token_mean, metrics
+
+
+def micro_batch_denominators(
+    loss_type: str,
+    *,
+    policy_rows: float,
+    separate_tokens: float,
+    local_policy_tokens: float,
+    max_completion_length: int | None,
+    num_items_in_batch: float | None,
+    num_processes: int = 1,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int = 1,
+    training: bool = True,
+) -> tuple[float, float]:
+    """
+    What one micro-batch's policy term and separate demonstration term divide by ([`HybridBatch`]'s denominators).
+
+    Demonstrations leave the policy term unevenly across processes and micro-batches, so row counts (grpo, dr_grpo,
+    sapo, luspo) are the generation batch's global `policy_rows` spread over processes and micro-batches (equal to
+    the local count when no row is a demonstration), and token counts (dapo, cispo, vespo: `num_items_in_batch`;
+    the separate term: `separate_tokens`) likewise; each is clamped at 1 before it is spread, as `GRPOTrainer` clamps
+    its token count. `bnpo` divides by this micro-batch's own `local_policy_tokens`. The counts come from
+    [`batch_counts`] over the whole micro-batch, zero-weight rows included.
+    """
+    steps = steps_per_generation if training else 1
+    policy = loss_type_denominator(
+        loss_type,
+        num_rows=max(policy_rows, 1.0) / num_processes / steps,
+        num_tokens=local_policy_tokens,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        num_processes=num_processes,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        steps_per_generation=steps_per_generation,
+        training=training,
+    )
+    token_mean = max(separate_tokens, 1.0) / num_processes
+    if training:
+        token_mean *= gradient_accumulation_steps / steps_per_generation
+    return policy, token_mean

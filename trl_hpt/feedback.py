@@ -140,3 +140,40 @@ def decide_gate(
     alpha = torch.where(has_demonstration, alpha, torch.ones_like(alpha))
     beta = torch.where(has_demonstration, beta, torch.zeros_like(beta))
     return GateDecision(alpha, beta, beta > 0)
+
+
+def gate_metrics(
+    accuracy: torch.Tensor,
+    decision: GateDecision,
+    has_demonstration: torch.Tensor,
+    truncated: torch.Tensor,
+    solved: torch.Tensor,
+    row_weights: torch.Tensor,
+) -> dict[str, float]:
+    """
+    The `hpt/` metrics of one generation batch's gate, per prompt of the whole batch (`row_weights`: every row's
+    weight, so that `hpt/skipped_rows` is the share the loss pass does not run).
+    """
+    placed = decision.placed
+    return {
+        "hpt/solved_fraction": solved.float().mean().item(),
+        "hpt/sft_fraction": placed.float().mean().item(),
+        "hpt/rl_fraction": (decision.alpha > 0).float().mean().item(),
+        "hpt/no_demo_fraction": (~has_demonstration).float().mean().item(),
+        "hpt/unscored_fraction": torch.isnan(accuracy).float().mean().item(),
+        "hpt/demo_truncated_fraction": (truncated & placed).float().sum().item() / max(int(placed.sum()), 1),
+        "hpt/skipped_rows": (row_weights == 0).float().mean().item(),
+        "hpt/num_prompts": float(accuracy.numel()),
+    }
+
+
+def gate_records(step: int, prompt_index: list[int], accuracy: torch.Tensor, decision: GateDecision) -> list[dict]:
+    """One record per prompt (`step`, `prompt_index`, `accuracy`, `alpha`, `beta`, `sft`), as reports read them."""
+    records = zip(
+        prompt_index, accuracy.tolist(), decision.alpha.tolist(), decision.beta.tolist(), decision.placed.tolist()
+    )
+    return [
+        # NaN (no rollout scored) is written as null
+        {"step": step, "prompt_index": i, "accuracy": None if p != p else p, "alpha": a, "beta": b, "sft": bool(sft)}
+        for i, p, a, b, sft in records
+    ]

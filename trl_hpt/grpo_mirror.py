@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import gather
 from trl.trainer.utils import nanmax, nanmin, nanstd
 
-from trl_hpt.estimator import clip_fractions, group_advantages
+from trl_hpt.estimator import group_advantages, importance_ratio
 
 
 # Mirrored from this TRL minor series (the trainer refuses any other).
@@ -98,10 +98,7 @@ class GRPOLossMirror:
         train by RL (demonstrations, zero-weight rollouts) never move it.
         """
         rl_mask = mask * rl_rows.unsqueeze(1)
-        log_ratio = per_token_logps - old_per_token_logps
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
+        ratio = importance_ratio(per_token_logps, old_per_token_logps, mask, self.importance_sampling_level)
         scale, entropy_mask, phi = None, None, None
         if self.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropies, rl_mask, 1 - self.top_entropy_quantile)
@@ -192,8 +189,8 @@ class GRPOLossMirror:
         GRPOTrainer's `kl`, `entropy`, clip-ratio, `cispo_clip_ratio` and `vespo/phi_seq_mean` metrics.
 
         Over the rows that train by RL (`step.rl_rows`; all rows without demonstrations, which is GRPOTrainer's case),
-        `entropy` over every trained token. `step` holds `mask`, `active`, `rl_rows`, `entropies`, `ratio` (the
-        importance weight at `importance_sampling_level`), `advantages`, `per_token_kl` and `phi` (VESPO).
+        `entropy` over every trained token. `step` holds `mask`, `active`, `rl_rows`, `entropies`, `clip` (the
+        estimator's `clip/<name>` masks), `per_token_kl` and `phi` (VESPO).
         """
         metrics = self._metrics[mode]
         rl_rows = step.rl_rows
@@ -201,16 +198,13 @@ class GRPOLossMirror:
         if step.per_token_kl is not None:
             metrics["kl"].append(self._global_mean(step.per_token_kl, rl_mask, rl_rows))
         metrics["entropy"].append(self._global_mean(step.entropies, step.active, step.active.sum(-1) > 0))
-        ratio, advantages = step.ratio, step.advantages
         if self.online_spec.clips:
-            if self.args.delta is not None:
-                ratio = torch.clamp(ratio, max=self.args.delta)  # GRPOTrainer counts clipping on the capped ratio
-            fractions = {k: v.float() for k, v in clip_fractions(self.online_spec, ratio, advantages).items()}
+            fractions = {name: step.clip[f"clip/{name}"].float() for name in ("low", "high", "region")}
             for name, values in fractions.items():
                 metrics[f"clip_ratio/{name}_mean"].append(self._global_mean(values, rl_mask, rl_rows))
             # Per-sequence extremes; a rank whose rollouts were all skipped sends NaN, which nanmin/nanmax ignore.
-            per_seq_mask = rl_mask.to(ratio.dtype)
-            rows = per_seq_mask.sum(-1) > 0 if ratio.size(1) > 1 else rl_rows
+            per_seq_mask = rl_mask.to(fractions["low"].dtype)
+            rows = per_seq_mask.sum(-1) > 0 if fractions["low"].size(1) > 1 else rl_rows
             for name, reducer, extreme in (("low", nanmin, "min"), ("high", nanmax, "max")):
                 values = fractions[name]
                 if values.size(1) == 1:
@@ -220,7 +214,6 @@ class GRPOLossMirror:
                 local = getattr(per_seq[rows], extreme)() if bool(rows.any()) else per_seq.new_tensor(float("nan"))
                 metrics[f"clip_ratio/{name}_{extreme}"].append(reducer(gather(local.reshape(1))).item())
         elif self.online_spec.stabilization == "cispo":
-            clipped = clip_fractions(self.online_spec, ratio, advantages)["cispo"].float()
-            metrics["cispo_clip_ratio"].append(self._global_mean(clipped, rl_mask, rl_rows))
+            metrics["cispo_clip_ratio"].append(self._global_mean(step.clip["clip/cispo"].float(), rl_mask, rl_rows))
         elif self.loss_type == "vespo":
             metrics["vespo/phi_seq_mean"].append(self._global_mean(step.phi, rl_mask, rl_rows))

@@ -15,23 +15,40 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
+from trl_hpt.batch import (
+    FORWARD_KEYS,
+    attach_rows,
+    hpt_rows,
+    loss_mask,
+    place_demonstrations,
+    rows_to_keep,
+    select_rows,
+)
 from trl_hpt.callbacks import HPTReportCallback
 from trl_hpt.config import HPTConfig
-from trl_hpt.data import (
-    Demonstration,
+from trl_hpt.demonstrations import (
     DemonstrationStore,
     check_demonstration_column,
     demonstration_messages,
     demonstration_text,
 )
 from trl_hpt.estimator import (
+    HybridBatch,
     batch_counts,
-    get_preset,
     hybrid_loss,
-    loss_type_denominator,
+    micro_batch_denominators,
+    offline_spec_from_hpt_config,
     online_spec_from_grpo_config,
 )
-from trl_hpt.feedback import FeedbackFn, correct_rollouts, decide_gate, prompt_accuracy, verifier_rewards
+from trl_hpt.feedback import (
+    FeedbackFn,
+    correct_rollouts,
+    decide_gate,
+    gate_metrics,
+    gate_records,
+    prompt_accuracy,
+    verifier_rewards,
+)
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
 from trl_hpt.model_card import complete_model_card, model_card_names
 from trl_hpt.models import resolve_model_init
@@ -41,21 +58,6 @@ logger = logging.getLogger(__name__)
 
 # HPTTrainer overrides GRPOTrainer internals (listed in its docstring); it is tested against this TRL range.
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))
-
-# Keys of the generation batch that hold one row per rollout and must follow a demonstration swap.
-_PER_TOKEN_FILL = {
-    "old_per_token_logps": 0.0,
-    "ref_per_token_logps": 0.0,
-    "sampling_per_token_logps": 0.0,
-    "importance_sampling_ratio": 1.0,
-    "tool_mask": 1,
-}
-# (B, prompt + completion) keys of vision-language batches: they widen and narrow with the completion.
-_PROMPT_COMPLETION_KEYS = ("token_type_ids", "mm_token_type_ids")
-# Multimodal inputs are not row-sliceable in one simple way; with them, the loss pass keeps every row.
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes")
-_OFFLINE, _WEIGHT, _TOKEN_MEAN_TOKENS = "hpt_offline", "hpt_weight", "hpt_token_mean_tokens"
-_POLICY_ROWS = "hpt_policy_rows"
 
 
 def check_trl_version(version: str | None = None) -> None:
@@ -144,17 +146,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             raise TypeError(f"feedback_fn must be a callable P -> (alpha, beta), got {type(feedback_fn).__name__}.")
         self.feedback_fn = feedback_fn
         self.online_spec = online_spec_from_grpo_config(args)
-        offline = get_preset(args.offline_loss)
-        if offline.shaping_gamma is not None:
-            offline = offline.replace(shaping_gamma=args.offline_shaping_gamma)
-        aggregation = args.offline_aggregation
-        if aggregation is None and (feedback_fn is not None or args.feedback != "sft"):
-            # With an RL term beside it, a separate token mean makes a demonstration token weigh 25-190 times a
-            # rollout token's (benchmarks/balance.py); reduced with the rollouts it weighs what one with A = 1 does.
-            aggregation = "loss_type"
-        if aggregation is not None:
-            offline = offline.replace(aggregation=aggregation)
-        self.offline_spec = offline
+        self.offline_spec = offline_spec_from_hpt_config(
+            args, has_rl_term=feedback_fn is not None or args.feedback != "sft"
+        )
         self._uses_demonstrations = feedback_fn is not None or args.feedback != "rl"
         # The policy term's reduction: TRL's loss_type, unless HPTConfig.rl_aggregation replaces it.
         self.policy_aggregation = args.rl_aggregation or args.loss_type
@@ -279,8 +273,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         weights = torch.where(offline, decision.beta[group_of_row[local]], decision.alpha[group_of_row[local]]).float()
 
         # Place
-        if bool(offline.any()):
-            self._swap_in_demonstrations(output, offline, demos)
+        self._place_demonstrations(output, offline, demos)
         if self.offline_spec.mixes_group and bool(decision.placed.any()):
             self._mixed_group_advantages(output, inputs, demos, offline_global, rewards_per_func, num_generations)
         solved = accuracy == 1  # NaN (unknown) is not solved
@@ -292,20 +285,17 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
 
         # Log
         self._record_gate(demos, accuracy, decision, num_generations)
-        self._log_gate_metrics(accuracy, decision, has_demo, truncated, solved, weights)
+        for name, value in gate_metrics(accuracy, decision, has_demo, truncated, solved, gather(weights)).items():
+            self._metrics["train"][name].append(value)
 
         if self._delegate_plain_batches and not self._uses_demonstrations and self.args.rl_aggregation is None:
             return output  # feedback="rl": GRPOTrainer's batch, trained by GRPOTrainer's loss
         # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
         counts = batch_counts(
-            _loss_mask(output), offline, self.offline_spec, lambda t: self.accelerator.reduce(t, reduction="sum")
+            loss_mask(output), offline, self.offline_spec, lambda t: self.accelerator.reduce(t, reduction="sum")
         )
         output["num_items_in_batch"] = counts.policy_tokens
-        output[_TOKEN_MEAN_TOKENS] = counts.separate_tokens
-        output[_POLICY_ROWS] = counts.policy_rows
-        output[_OFFLINE] = offline
-        output[_WEIGHT] = weights
-        return output
+        return attach_rows(output, offline, weights, counts.policy_rows, counts.separate_tokens)
 
     def _demonstration_flags(self, demos, accuracy, num_generations) -> tuple[torch.Tensor, torch.Tensor]:
         """Per prompt of the whole batch: whether it has a usable demonstration, and whether that was truncated."""
@@ -325,83 +315,19 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         else:
             local_index = torch.tensor([d.index for d in demos], device=accuracy.device)
             index = gather(local_index).view(-1, num_generations)[:, 0].tolist()
-        if not self.accelerator.is_main_process:
-            return
-        step = self.state.global_step
-        records = zip(
-            index, accuracy.tolist(), decision.alpha.tolist(), decision.beta.tolist(), decision.placed.tolist()
+        if self.accelerator.is_main_process:
+            self.gate_history.extend(gate_records(self.state.global_step, index, accuracy, decision))
+
+    def _place_demonstrations(self, output, offline, demos):
+        place_demonstrations(
+            output,
+            offline,
+            demos,
+            self._tokenizer.pad_token_id,
+            # A sequence-level vLLM ratio is (B, 1) at any width; with 1-token completions it would pass for per-token.
+            per_sequence_ratio=getattr(self, "vllm_importance_sampling_mode", "token").startswith("sequence"),
+            unit_advantage=not self.offline_spec.reads_advantages,
         )
-        for i, p, a, b, sft in records:
-            p = None if p != p else p  # NaN (no rollout scored) is written as null
-            self.gate_history.append(
-                {"step": step, "prompt_index": i, "accuracy": p, "alpha": a, "beta": b, "sft": bool(sft)}
-            )
-
-    def _log_gate_metrics(self, accuracy, decision, has_demo, truncated, solved, weights):
-        metrics = self._metrics["train"]
-        placed = decision.placed
-        metrics["hpt/solved_fraction"].append(solved.float().mean().item())
-        metrics["hpt/sft_fraction"].append(placed.float().mean().item())
-        metrics["hpt/rl_fraction"].append((decision.alpha > 0).float().mean().item())
-        metrics["hpt/no_demo_fraction"].append((~has_demo).float().mean().item())
-        metrics["hpt/unscored_fraction"].append(torch.isnan(accuracy).float().mean().item())
-        metrics["hpt/demo_truncated_fraction"].append(
-            (truncated & placed).float().sum().item() / max(int(placed.sum()), 1)
-        )
-        metrics["hpt/skipped_rows"].append((gather(weights) == 0).float().mean().item())
-        metrics["hpt/num_prompts"].append(float(accuracy.numel()))
-
-    def _swap_in_demonstrations(self, output, offline, demos: list[Demonstration]):
-        """Writes each placed demonstration into its row: completion tokens, mask, and neutral per-token extras."""
-        rows = offline.nonzero(as_tuple=True)[0].tolist()
-        completion_ids = output["completion_ids"]
-        width = max([completion_ids.size(1), *(len(demos[i].ids) for i in rows)])
-        if "tool_mask" not in output and any(demos[i].tool_mask is not None for i in rows):
-            output["tool_mask"] = torch.ones_like(output["completion_mask"])
-        self._pad_completion_width(output, width)
-        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        prompt_width = output["prompt_ids"].size(1) if "prompt_ids" in output else None
-        for i in rows:
-            ids = demos[i].ids
-            completion_ids[i] = self._tokenizer.pad_token_id
-            completion_ids[i, : len(ids)] = torch.tensor(ids, device=completion_ids.device)
-            completion_mask[i] = 0
-            completion_mask[i, : len(ids)] = 1
-            for key, fill in _PER_TOKEN_FILL.items():
-                if key in output and isinstance(output[key], torch.Tensor) and output[key].dim() == 2:
-                    output[key][i] = fill
-            if demos[i].tool_mask is not None:
-                output["tool_mask"][i, : len(ids)] = torch.tensor(demos[i].tool_mask, device=completion_ids.device)
-            for key in _PROMPT_COMPLETION_KEYS:
-                if prompt_width is not None and isinstance(output.get(key), torch.Tensor):
-                    output[key][i, prompt_width:] = 0  # a demonstration is text
-        if "advantages" in output and not self.offline_spec.reads_advantages:
-            output["advantages"] = torch.where(offline, torch.ones_like(output["advantages"]), output["advantages"])
-
-    def _pad_completion_width(self, output, width):
-        def pad_right(tensor, value):
-            extra = width - tensor.size(1)
-            if extra <= 0:
-                return tensor
-            return torch.cat([tensor, tensor.new_full((tensor.size(0), extra), value)], dim=1)
-
-        current = output["completion_ids"].size(1)
-        extra = width - current
-        output["completion_ids"] = pad_right(output["completion_ids"], self._tokenizer.pad_token_id)
-        output["completion_mask"] = pad_right(output["completion_mask"], 0)
-        # A sequence-level vLLM ratio is (B, 1) at any width; with 1-token completions it would pass for per-token.
-        per_sequence = getattr(self, "vllm_importance_sampling_mode", "token").startswith("sequence")
-        for key, fill in _PER_TOKEN_FILL.items():
-            if per_sequence and key == "importance_sampling_ratio":
-                continue
-            tensor = output.get(key)
-            if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.size(1) == current:
-                output[key] = pad_right(tensor, fill)
-        if extra > 0:
-            for key in _PROMPT_COMPLETION_KEYS:
-                tensor = output.get(key)
-                if isinstance(tensor, torch.Tensor) and tensor.dim() == 2:
-                    output[key] = torch.cat([tensor, tensor.new_zeros((tensor.size(0), extra))], dim=1)
 
     def _mixed_group_advantages(self, output, inputs, demos, offline_global, rewards_per_func, num_generations):
         """LUFFY/SRFT: each placed demonstration is scored and joins the advantage statistics in its rollout's place."""
@@ -462,101 +388,92 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        if _WEIGHT not in inputs:
+        rows = hpt_rows(inputs)
+        if rows is None:
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         training = mode == "train"
         accumulation = self.current_gradient_accumulation_steps if training else 1
+        # Taken over the whole micro-batch, before zero-weight rows are dropped, so dropping them changes nothing.
         policy_denominator, token_mean_denominator = self._denominators(inputs, accumulation, training)
-        inputs = _select_rows(inputs, self._rows_to_keep(inputs))
+        if self._skip_zero_weight_rows:
+            inputs = select_rows(inputs, rows_to_keep(inputs, rows.weights, aux_loss=self.aux_loss_enabled))
+            rows = hpt_rows(inputs)
 
-        mask = _loss_mask(inputs)
-        offline, weights = inputs[_OFFLINE], inputs[_WEIGHT]
-        online, trained = ~offline, weights > 0
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = loss_mask(inputs)
+        trained = rows.weights > 0
+        rl_rows = ~rows.offline & trained
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
-            input_ids,
-            attention_mask,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
             inputs["completion_ids"].size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in _FORWARD_KEYS},
+            **{k: inputs.get(k) for k in FORWARD_KEYS},
         )
         advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         old_per_token_logps = inputs.get("old_per_token_logps")
         old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
         # TRL's token-level modifiers act on the rollouts that train: demonstrations have no sampling log-probs, no
         # vLLM importance ratio and no reference log-probs, and zero-weight rollouts must not move a global quantile.
         terms = self._grpo_token_terms(
-            inputs, per_token_logps, old_per_token_logps, advantages, entropies, mask, online & trained
+            inputs, per_token_logps, old_per_token_logps, advantages, entropies, mask, rl_rows
         )
-        result = hybrid_loss(
+        batch = HybridBatch(
             per_token_logps,
             mask,
-            online_spec=self.online_spec,
-            offline_spec=self.offline_spec,
-            offline=offline,
-            weights=weights,
-            advantages=advantages,
-            old_per_token_logps=old_per_token_logps,
-            loss_type=self.policy_aggregation,
-            policy_denominator=policy_denominator,
-            token_mean_denominator=token_mean_denominator,
-            offline_coef=self.args.sft_loss_coef,
+            rows.offline,
+            rows.weights,
+            advantages,
+            old_per_token_logps,
+            ratio=terms.ratio,
             online_token_scale=terms.scale,
             online_token_bias=None if terms.per_token_kl is None else self.beta * terms.per_token_kl,
+            policy_denominator=policy_denominator,
+            token_mean_denominator=token_mean_denominator,
+        )
+        loss, loss_metrics = hybrid_loss(
+            batch,
+            online_spec=self.online_spec,
+            offline_spec=self.offline_spec,
+            loss_type=self.policy_aggregation,
+            offline_coef=self.args.sft_loss_coef,
         )
         active = mask * trained.unsqueeze(1)
         effective = active if terms.entropy_mask is None else active * terms.entropy_mask
-        loss = self._grpo_regularize(result.loss, entropies, effective, aux_loss, accumulation, mode)
+        loss = self._grpo_regularize(loss, entropies, effective, aux_loss, accumulation, mode)
         step = _LossStep(
             per_token_logps=per_token_logps.detach(),
             mask=mask,
             active=active,
-            rl_rows=online & trained,
-            offline=offline,
+            rl_rows=rl_rows,
+            offline=rows.offline,
             entropies=entropies,
-            ratio=terms.ratio.detach(),
-            advantages=advantages,
+            clip={k: v for k, v in loss_metrics.items() if k.startswith("clip/")},
             per_token_kl=None if terms.per_token_kl is None else terms.per_token_kl.detach(),
             phi=terms.phi,
         )
-        self._log_loss_metrics(mode, result, step, accumulation, training)
+        self._log_loss_metrics(mode, loss_metrics, step, accumulation, training)
         return loss
 
     def _denominators(self, inputs, accumulation, training) -> tuple[float, float]:
-        """
-        What the policy term and the separate demonstration term divide by, from the whole micro-batch.
-
-        Taken before zero-weight rows are dropped, so dropping them changes neither the loss nor its gradient.
-        Demonstrations leave the policy term unevenly across ranks and micro-batches, so row counts (grpo, dr_grpo,
-        sapo, luspo) are the generation batch's global count spread over processes and micro-batches (equal to the
-        local count when no row is offline), and token counts (dapo, cispo, vespo, the demonstration term) likewise;
-        each is clamped at 1 before it is spread, as GRPOTrainer clamps its token count.
-        """
-        num_processes, steps = self.accelerator.num_processes, self.args.steps_per_generation
-        # This micro-batch's own token count (bnpo), counted as the generation batch's global ones are.
-        local = batch_counts(_loss_mask(inputs), inputs[_OFFLINE], self.offline_spec)
-        num_rows = max(float(inputs[_POLICY_ROWS]), 1.0) / num_processes / (steps if training else 1)
-        policy = loss_type_denominator(
+        """What the policy term and the separate demonstration term of this micro-batch divide by."""
+        rows = hpt_rows(inputs)
+        local = batch_counts(loss_mask(inputs), rows.offline, self.offline_spec)  # bnpo: this micro-batch's tokens
+        return micro_batch_denominators(
             self.policy_aggregation,
-            num_rows=num_rows,
-            num_tokens=float(local.policy_tokens),
+            policy_rows=rows.policy_rows,
+            separate_tokens=rows.separate_tokens,
+            local_policy_tokens=float(local.policy_tokens),
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs.get("num_items_in_batch"),
-            num_processes=num_processes,
+            num_processes=self.accelerator.num_processes,
             gradient_accumulation_steps=accumulation,
-            steps_per_generation=steps,
+            steps_per_generation=self.args.steps_per_generation,
             training=training,
         )
-        token_mean = max(float(inputs[_TOKEN_MEAN_TOKENS]), 1.0) / num_processes
-        if training:
-            token_mean *= accumulation / steps
-        return policy, token_mean
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -571,20 +488,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             self._metrics["train"]["hpt/skipped_step"].append(float(skip))
         return grad_norm
 
-    def _rows_to_keep(self, inputs) -> torch.Tensor | None:
-        """The rows the loss pass runs through the model: those of nonzero weight, or all (None)."""
-        keep = inputs[_WEIGHT] > 0
-        # Multimodal inputs do not slice by row simply, and a router's aux loss is over every row it routes.
-        if not self._skip_zero_weight_rows or self.aux_loss_enabled or any(k in inputs for k in _MULTIMODAL_KEYS):
-            return None
-        if bool(keep.all()):
-            return None
-        if not bool(keep.any()):
-            # Every rank must run forward and backward (DDP, ZeRO-3 collectives): keep one row at weight zero.
-            keep[0] = True
-        return keep.nonzero(as_tuple=True)[0]
-
-    def _log_loss_metrics(self, mode, result, step: _LossStep, accumulation, training):
+    def _log_loss_metrics(self, mode, loss_metrics, step: _LossStep, accumulation, training):
         """GRPOTrainer's loss metrics over the rollouts that train (all of them without demonstrations), and HPT's."""
         self._log_grpo_loss_metrics(mode, step)
         reduce = self.accelerator.reduce
@@ -594,7 +498,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         # Loss terms as they read per optimizer step (without gradient-accumulation scaling), averaged over ranks.
         # Each micro-batch's term is scaled by 1/accumulation (all loss types, since dapo's spread of the token count
         # over steps_per_generation micro-batches cancels over a step); their mean over the window reads per step.
-        terms = torch.stack([result.policy_loss * accumulation, result.token_mean_loss * accumulation]).float()
+        terms = [loss_metrics["policy_loss"] * accumulation, loss_metrics["token_mean_loss"] * accumulation]
+        terms = torch.stack(terms).float()
         # Each rank's terms are its share of the global loss (global denominators spread over processes) and DDP
         # averages the ranks, those without such rows included: the trained loss is the sum over ranks / processes.
         totals = reduce(terms, "sum") / self.accelerator.num_processes
@@ -615,50 +520,6 @@ class _LossStep(NamedTuple):
     rl_rows: torch.Tensor
     offline: torch.Tensor
     entropies: torch.Tensor
-    ratio: torch.Tensor
-    advantages: torch.Tensor
+    clip: dict[str, torch.Tensor]  # the estimator's clip/<name> masks
     per_token_kl: torch.Tensor | None
     phi: torch.Tensor | None
-
-
-_FORWARD_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-
-
-def _loss_mask(batch: dict) -> torch.Tensor:
-    """The tokens a loss counts: the completion mask, without tool output where the batch has a tool mask."""
-    return batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
-
-
-def _select_rows(inputs: dict, index: torch.Tensor | None) -> dict:
-    """The micro-batch restricted to `index` rows, trimmed to the longest kept completion."""
-    if index is None:
-        return inputs
-    num_rows = inputs["completion_ids"].size(0)
-    selected = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.size(0) == num_rows:
-            selected[key] = value.index_select(0, index)
-        else:
-            selected[key] = value
-    width = int(selected["completion_mask"].sum(-1).max().clamp(min=1))
-    full_width = inputs["completion_ids"].size(1)
-    prompt_width = inputs["prompt_ids"].size(1)
-    for key, value in selected.items():
-        if key in ("prompt_ids", "prompt_mask") or not (isinstance(value, torch.Tensor) and value.dim() == 2):
-            continue
-        if key in _PROMPT_COMPLETION_KEYS and value.size(1) == prompt_width + full_width:
-            selected[key] = value[:, : prompt_width + width]
-        elif value.size(1) == full_width:
-            selected[key] = value[:, :width]
-    return selected

@@ -1,0 +1,65 @@
+"""HPT's one key in GRPOTrainer's batch, and the row operations of the loss pass."""
+
+import torch
+from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+from trl_hpt.batch import HPT_KEY, attach_rows, hpt_rows, replace_rows, rows_to_keep, select_rows
+
+
+def _batch(num_rows=8, width=5):
+    torch.manual_seed(0)
+    mask = torch.ones(num_rows, width, dtype=torch.long)
+    mask[::2, 3:] = 0
+    batch = {
+        "prompt_ids": torch.randint(0, 9, (num_rows, 2)),
+        "prompt_mask": torch.ones(num_rows, 2, dtype=torch.long),
+        "completion_ids": torch.randint(0, 9, (num_rows, width)),
+        "completion_mask": mask,
+        "advantages": torch.randn(num_rows),
+        "num_items_in_batch": torch.tensor(33.0),
+    }
+    offline = torch.arange(num_rows) % 4 == 3
+    weights = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 2.0])[:num_rows]
+    return attach_rows(batch, offline, weights, policy_rows=6.0, separate_tokens=17.0), offline, weights
+
+
+def test_rows_survive_grpo_trainers_shuffle_and_split():
+    batch, offline, weights = _batch()
+    batch["row"] = torch.arange(8)
+    shuffled = shuffle_sequence_dict(batch)
+    for part in split_tensor_dict(shuffled, 4):
+        rows = hpt_rows(part)
+        assert rows.offline.tolist() == offline[part["row"]].tolist()
+        assert rows.weights.tolist() == weights[part["row"]].tolist()
+        # Every micro-batch carries the generation batch's counts.
+        assert (rows.policy_rows, rows.separate_tokens) == (6.0, 17.0)
+
+
+def test_batch_without_hpt_rows_is_grpo_trainers():
+    assert hpt_rows({"completion_mask": torch.ones(2, 2)}) is None
+
+
+def test_replace_rows_copies():
+    batch, offline, weights = _batch()
+    zeroed = replace_rows(batch, weights=torch.zeros(8))
+    assert hpt_rows(zeroed).weights.eq(0).all() and hpt_rows(batch).weights.tolist() == weights.tolist()
+    assert hpt_rows(zeroed).offline.tolist() == offline.tolist() and hpt_rows(zeroed).policy_rows == 6.0
+
+
+def test_select_rows_trims_to_the_longest_kept_completion_and_keeps_the_hpt_key():
+    batch, _, weights = _batch(width=4)  # as wide as the HPT key: only the completion tensors may be trimmed
+    index = rows_to_keep(batch, weights)
+    assert index.tolist() == [0, 2, 3, 6, 7]
+    kept = select_rows(batch, index)
+    assert kept["completion_ids"].shape == (5, 4)  # row 3 has 4 tokens
+    kept = select_rows(batch, torch.tensor([0, 2]))
+    assert kept["completion_ids"].shape == (2, 3) and kept["prompt_ids"].shape == (2, 2)
+    assert kept[HPT_KEY].shape == (2, 4) and hpt_rows(kept).weights.tolist() == [1.0, 0.5]
+    assert kept["num_items_in_batch"].item() == 33.0
+
+
+def test_rows_to_keep_keeps_one_row_when_none_has_weight():
+    batch, _, _ = _batch()
+    assert rows_to_keep(batch, torch.zeros(8)).tolist() == [0]
+    assert rows_to_keep(batch, torch.ones(8)) is None
+    assert rows_to_keep(batch, torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), aux_loss=True) is None
