@@ -1,9 +1,9 @@
-"""How strongly the demonstration (SFT) term pulls against the RL term, per `loss_type` and `offline_aggregation`.
+"""How strongly the demonstration (SFT) term pulls against the RL term, per `loss_type` and `demonstration_aggregation`.
 
 For one generation batch shaped like a step of HPT (prompts, `num_generations` rollouts each of up to
 `max_completion_length` tokens, a quarter of the prompts never solved and sent to SFT), the script computes the
 gradient norm of each term alone (the other's rows at weight zero) and prints their ratio, `|grad SFT| / |grad RL|`.
-With Adam and gradient clipping only the direction of the summed gradient counts, so this ratio, not `sft_loss_coef`
+With Adam and gradient clipping only the direction of the summed gradient counts, so this ratio, not `demonstration_loss_coef`
 alone, says how much the demonstrations steer a step. A ratio of 100 means the RL term is noise next to the SFT term.
 
     python benchmarks/balance.py                  # the table, in a few minutes on 2 CPU cores
@@ -50,13 +50,14 @@ def measure(loss_type: str, aggregation: str, args) -> float:
     from datasets import Dataset
 
     from trl_hpt import HPTConfig, HPTTrainer
-    from trl_hpt.demo import addition_rows, build_char_tokenizer, build_tiny_model
+    from trl_hpt.batch import hpt_rows, replace_rows
+    from trl_hpt.testing import addition_rows, build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
     rows = addition_rows([(a, (7 * a) % 50) for a in range(args.prompts)])
-    fields = {"offline_aggregation": aggregation}
+    fields = {"demonstration_aggregation": aggregation}
     if aggregation == "reference":
-        fields = {"offline_aggregation": "token_mean", "rl_aggregation": "max_length_sum"}
+        fields = {"demonstration_aggregation": "token_mean", "rl_aggregation": "max_length_sum"}
     with tempfile.TemporaryDirectory() as tmp:
         config = HPTConfig(
             output_dir=tmp,
@@ -83,10 +84,10 @@ def measure(loss_type: str, aggregation: str, args) -> float:
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     batch = trainer._generate_and_score_completions(generation_inputs(trainer, args.prompts, args.generations))
-    offline = batch["hpt_offline"]
+    rows = hpt_rows(batch)
     norms = {}
-    for term, keep in (("rl", ~offline), ("sft", offline)):
-        partial = dict(batch, hpt_weight=batch["hpt_weight"] * keep)
+    for term, keep in (("rl", ~rows.demonstration), ("sft", rows.demonstration)):
+        partial = replace_rows(batch, weights=rows.weights * keep)
         trainer.model.zero_grad(set_to_none=True)
         trainer._compute_loss(trainer.model, partial).backward()
         grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]

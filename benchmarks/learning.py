@@ -18,16 +18,16 @@ the completion tokens each method actually generated):
   demonstrations per step (it generates nothing);
 - `grpo`: `HPTTrainer(feedback="rl")`; `grpo_trl`: TRL's `GRPOTrainer` (these two are the same run numerically);
 - `sft_grpo`: half the steps `feedback="sft"`, then half `feedback="rl"` (a fresh optimizer, as in an SFT -> RL pipeline);
-- `luffy`: `feedback="soft", offline_loss="luffy"`; `srft`: `feedback="soft", offline_loss="srft"`;
-- `hpt`: `feedback="switch", switch_gate=0, offline_aggregation="token_mean"` (a separate token mean over the
-  demonstrations, the default before 0.1); `hpt_lt`: the same with `offline_aggregation="loss_type"` (demonstration
+- `luffy`: `feedback="soft", demonstration_loss="luffy"`; `srft`: `feedback="soft", demonstration_loss="srft"`;
+- `hpt`: `feedback="switch", switch_gate=0, demonstration_aggregation="token_mean"` (a separate token mean over the
+  demonstrations, the default before 0.1); `hpt_lt`: the same with `demonstration_aggregation="loss_type"` (demonstration
   tokens reduced with the rollout tokens, HPTConfig's default with any feedback but `sft`); `hpt_solved`: `hpt_lt`
   with `solved_advantage=1` (the correct rollouts of prompts solved every time train as SFT on the model's own answers,
   so what the warm start solves is not forgotten); `hpt_chord`: `hpt_lt` with CHORD-phi demonstrations
-  (`offline_loss="chord_phi"`, each demonstration token weighted by `p (1 - p)`; only run when asked for).
+  (`demonstration_loss="chord_phi"`, each demonstration token weighted by `p (1 - p)`; only run when asked for).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
-`scale_rewards="none"`, no KL, one update per generation batch, `sft_loss_coef=1.0`), AdamW with one constant learning
+`scale_rewards="none"`, no KL, one update per generation batch, `demonstration_loss_coef=1.0`), AdamW with one constant learning
 rate for all (see `LearningSettings.learning_rate`), and a second learning rate for SFT, GRPO and HPT to show how much
 the ranking depends on it.
 
@@ -83,21 +83,21 @@ from benchmarks.report import (  # noqa: E402
 HPT_FIELDS = {
     "sft": {"feedback": "sft"},
     "grpo": {"feedback": "rl"},
-    "luffy": {"feedback": "soft", "offline_loss": "luffy"},
-    "srft": {"feedback": "soft", "offline_loss": "srft"},
-    "hpt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "token_mean"},
-    "hpt_lt": {"feedback": "switch", "switch_gate": 0.0, "offline_aggregation": "loss_type"},
+    "luffy": {"feedback": "soft", "demonstration_loss": "luffy"},
+    "srft": {"feedback": "soft", "demonstration_loss": "srft"},
+    "hpt": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "token_mean"},
+    "hpt_lt": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
     "hpt_solved": {
         "feedback": "switch",
         "switch_gate": 0.0,
-        "offline_aggregation": "loss_type",
+        "demonstration_aggregation": "loss_type",
         "solved_advantage": 1.0,
     },
     "hpt_chord": {
         "feedback": "switch",
         "switch_gate": 0.0,
-        "offline_loss": "chord_phi",
-        "offline_aggregation": "loss_type",
+        "demonstration_loss": "chord_phi",
+        "demonstration_aggregation": "loss_type",
     },
 }
 # Measured once as a remedy (docs/benchmarks.md) and left out of the default run.
@@ -135,7 +135,7 @@ class LearningSettings:
     # (at 1e-3 Adam makes RL unstable here; at 1e-4 SFT barely learns the carry). See docs/benchmarks.md.
     learning_rate: float = 3e-4
     temperature: float = 1.0
-    sft_loss_coef: float = 1.0
+    demonstration_loss_coef: float = 1.0
     # Evaluation
     eval_every: int = 25
     eval_samples: int = 8
@@ -393,7 +393,7 @@ def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo
             trainer = HPTTrainer(
                 model=model,
                 reward_funcs=task_reward(settings),
-                args=HPTConfig(sft_loss_coef=settings.sft_loss_coef, **hpt_fields, **values),
+                args=HPTConfig(demonstration_loss_coef=settings.demonstration_loss_coef, **hpt_fields, **values),
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 callbacks=[history.callback],
@@ -463,6 +463,7 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
     import torch
 
     from trl_hpt import HPTConfig, HPTTrainer
+    from trl_hpt.batch import hpt_rows, replace_rows
 
     carry = [i for i, row in enumerate(dataset) if has_carry(int(row["prompt"][:2]), int(row["prompt"][3:5]))]
     no_carry = [i for i in range(len(dataset)) if i not in set(carry)]
@@ -477,27 +478,27 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
             trainer = HPTTrainer(
                 model=copy.deepcopy(model),
                 reward_funcs=task_reward(settings),
-                args=HPTConfig(sft_loss_coef=settings.sft_loss_coef, **fields, **values),
+                args=HPTConfig(demonstration_loss_coef=settings.demonstration_loss_coef, **fields, **values),
                 train_dataset=chosen,
                 processing_class=tokenizer,
             )
         inputs = generation_inputs(trainer, len(chosen), settings.num_generations)
         torch.manual_seed(seed)
         batch = trainer._generate_and_score_completions(inputs)
-        offline = batch["hpt_offline"]
+        rows = hpt_rows(batch)
+        demonstration = rows.demonstration
         norms = {}
-        for term, keep in (("online", ~offline), ("offline", offline)):
-            partial = dict(batch)
-            partial["hpt_weight"] = batch["hpt_weight"] * keep
+        for term, keep in (("online", ~demonstration), ("offline", demonstration)):
+            partial = replace_rows(batch, weights=rows.weights * keep)
             trainer.model.zero_grad(set_to_none=True)
             trainer._compute_loss(trainer.model, partial).backward()
             grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
             norms[term] = float(torch.cat(grads).norm()) if grads else 0.0
-        online_rows = (~offline) & (batch["hpt_weight"] > 0)
+        online_rows = (~demonstration) & (rows.weights > 0)
         out[name] = {
             "online_grad_norm": norms["online"],
-            "offline_grad_norm": norms["offline"],
-            "prompts_to_sft": int(offline.sum()),
+            "offline_grad_norm": norms["offline"],  # the saved reports' key
+            "prompts_to_sft": int(demonstration.sum()),
             "online_rows": int(online_rows.sum()),
             "online_rows_nonzero_advantage": int((online_rows & (batch["advantages"].abs() > 0)).sum()),
         }
@@ -509,21 +510,22 @@ def gradient_scale_diagnostic(model, tokenizer, dataset, settings: LearningSetti
 
 def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> dict:
     """
-    Probability the warm-started model gives the tokens of the placed demonstrations, and the weight each offline
+    Probability the warm-started model gives the tokens of the placed demonstrations, and the weight each demonstration
     estimator puts on `grad log p` of such a token: SFT 1, SRFT `p`, LUFFY `gamma p / (p + gamma)^2`.
     """
     import torch
 
+    from trl_hpt.batch import hpt_rows
     from trl_hpt.testing import per_token_logps
 
-    offline = batch["hpt_offline"]
-    if not bool(offline.any()):
+    demonstration = hpt_rows(batch).demonstration
+    if not bool(demonstration.any()):
         return None  # the model solved every prompt of the batch: no demonstration placed
     with torch.no_grad():
-        logps = per_token_logps(trainer, batch, rows=offline)
-    mask = batch["completion_mask"][offline].bool()
+        logps = per_token_logps(trainer, batch, rows=demonstration)
+    mask = batch["completion_mask"][demonstration].bool()
     p = logps.exp()[mask]
-    gamma = trainer.args.offline_shaping_gamma
+    gamma = trainer.args.demonstration_shaping_gamma
     return {
         "num_tokens": int(mask.sum()),
         "median_p": float(p.median()),

@@ -20,9 +20,9 @@ of optimizer steps and prompts per step (the generating ones: the same rollouts 
 - `sft`: TRL's `SFTTrainer` on the demonstrations (one per prompt);
 - `grpo`: TRL's `GRPOTrainer` (its defaults: `loss_type="dapo"`, `scale_rewards="group"`, no KL);
 - `sft_grpo`: half the steps `SFTTrainer`, then half `GRPOTrainer` on the same adapter (a fresh optimizer);
-- `luffy`: `HPTTrainer(feedback="soft", offline_loss="luffy")`;
+- `luffy`: `HPTTrainer(feedback="soft", demonstration_loss="luffy")`;
 - `hpt`: `HPTTrainer` with its defaults (`feedback="switch"`, gate 0);
-- `hpt_paper`: `HPTTrainer` with the paper's recipe scaled down (`offline_aggregation="token_mean"`,
+- `hpt_paper`: `HPTTrainer` with the paper's recipe scaled down (`demonstration_aggregation="token_mean"`,
   `rl_aggregation="max_length_sum"`, `loss_type="dr_grpo"`, `scale_rewards="none"`, `epsilon=1e9`,
   `entropy_coef=0.001`, `skip_grad_norm_above=80`);
 - `hpt_solved`: `HPTTrainer` defaults with `solved_advantage=1` (the forgetting remedy: SFT on the model's own
@@ -93,10 +93,10 @@ from benchmarks.report import (  # noqa: E402
 PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved", "hpt_chord")
 
 HPT_FIELDS = {
-    "luffy": {"feedback": "soft", "offline_loss": "luffy"},
+    "luffy": {"feedback": "soft", "demonstration_loss": "luffy"},
     "hpt": {},
     "hpt_paper": {
-        "offline_aggregation": "token_mean",
+        "demonstration_aggregation": "token_mean",
         "rl_aggregation": "max_length_sum",
         "loss_type": "dr_grpo",
         "scale_rewards": "none",
@@ -105,7 +105,7 @@ HPT_FIELDS = {
         "skip_grad_norm_above": 80.0,
     },
     "hpt_solved": {"solved_advantage": 1.0},
-    "hpt_chord": {"offline_loss": "chord_phi"},
+    "hpt_chord": {"demonstration_loss": "chord_phi"},
 }
 # Measured as a remedy (docs/benchmarks.md) and left out of the default run.
 NOT_DEFAULT = ("hpt_chord",)

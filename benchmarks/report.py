@@ -59,21 +59,21 @@ LEARNING_METHODS = {
     "sft_grpo": "SFT -> GRPO (half each)",
     "luffy": "LUFFY (`soft`, `luffy`)",
     "srft": "SRFT (`soft`, `srft`)",
-    "hpt": 'HPT (`switch`, gate 0, `offline_aggregation="token_mean"`)',
-    "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`offline_aggregation="loss_type"`, the default)',
-    "hpt_solved": 'HPT, `offline_aggregation="loss_type"`, `solved_advantage=1`',
-    "hpt_chord": 'HPT, `offline_loss="chord_phi"`, `offline_aggregation="loss_type"`',
+    "hpt": 'HPT (`switch`, gate 0, `demonstration_aggregation="token_mean"`)',
+    "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`demonstration_aggregation="loss_type"`, the default)',
+    "hpt_solved": 'HPT, `demonstration_aggregation="loss_type"`, `solved_advantage=1`',
+    "hpt_chord": 'HPT, `demonstration_loss="chord_phi"`, `demonstration_aggregation="loss_type"`',
 }
 
 REAL_MODEL_METHODS = {
     "sft": "SFT (TRL `SFTTrainer`)",
     "grpo": "GRPO (TRL `GRPOTrainer`)",
     "sft_grpo": "SFT -> GRPO (half each)",
-    "luffy": 'LUFFY (`feedback="soft"`, `offline_loss="luffy"`)',
+    "luffy": 'LUFFY (`feedback="soft"`, `demonstration_loss="luffy"`)',
     "hpt": "HPT (`HPTTrainer` defaults)",
     "hpt_paper": "HPT, paper recipe scaled down",
     "hpt_solved": "HPT + `solved_advantage=1`",
-    "hpt_chord": 'HPT + CHORD-phi demonstrations (`offline_loss="chord_phi"`)',
+    "hpt_chord": 'HPT + CHORD-phi demonstrations (`demonstration_loss="chord_phi"`)',
 }
 
 # The metrics of the learning benchmark's paired differences (its final metrics hold more).
@@ -544,7 +544,7 @@ def render_learning(report: dict) -> str:
         f"{settings['prompts_per_step']} prompts per step, {settings['num_generations']} rollouts per prompt "
         f"(up to {settings['max_completion_length']} tokens, temperature {settings['temperature']}), AdamW lr "
         f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, no KL, '
-        f"`sft_loss_coef={settings['sft_loss_coef']}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
+        f"`demonstration_loss_coef={settings.get('demonstration_loss_coef', settings.get('sft_loss_coef'))}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
         f"from {settings['eval_samples']} samples per problem at temperature {settings['temperature']}.",
         "",
     ]

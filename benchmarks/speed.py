@@ -614,6 +614,7 @@ def measure_loss_pass(settings: SpeedSettings, device: str) -> dict:
     from trl import GRPOTrainer
 
     from trl_hpt import HPTConfig, HPTTrainer
+    from trl_hpt.batch import hpt_rows
     from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     G, P, C = settings.num_generations, settings.loss_prompts, settings.loss_completion
@@ -673,8 +674,9 @@ def measure_loss_pass(settings: SpeedSettings, device: str) -> dict:
     results = []
     for g in SFT_FRACTIONS:
         batch = batch_for(g)
-        sent = int(batch["hpt_offline"].sum())
-        kept_rows = int((batch["hpt_weight"] > 0).sum())
+        rows = hpt_rows(batch)
+        sent = int(rows.demonstration.sum())
+        kept_rows = int((rows.weights > 0).sum())
         timed(hpt_loss, batch), timed(grpo_loss, batch)  # warm-up
         times = {"hpt": [], "grpo": []}
         for rep in range(settings.loss_repetitions):

@@ -184,10 +184,10 @@ override the recipe. `HPTTrainer` also accepts a plain `GRPOConfig` as `args`: i
 `HPTConfig.__post_init__` (and `HPTConfig.from_grpo_config`) raise a `ValueError` when:
 
 - `feedback` is not one of the choices above (a custom strategy is passed as `HPTTrainer(feedback_fn=...)`);
-- `offline_loss` is not one of the choices above;
-- `offline_aggregation` is not `None`, `"token_mean"` or `"loss_type"`, or `"token_mean"` with `luffy`/`srft`;
+- `demonstration_loss` is not one of the choices above;
+- `demonstration_aggregation` is not `None`, `"token_mean"` or `"loss_type"`, or `"token_mean"` with `luffy`/`srft`;
 - `switch_gate` is outside `[0, 1)`;
-- `sft_loss_coef` is negative, or `offline_shaping_gamma` is not positive;
+- `demonstration_loss_coef` is negative, or `demonstration_shaping_gamma` is not positive;
 - `verifier_reward_index` is negative (`HPTTrainer` also refuses an index past the last reward function);
 - `max_demonstration_length` is smaller than 1;
 - `demonstration_column` is `"prompt"` or empty.
@@ -195,7 +195,7 @@ override the recipe. `HPTTrainer` also accepts a plain `GRPOConfig` as `args`: i
 Every TRL `loss_type` is accepted (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `cispo`, `sapo`, `luspo`, `vespo`).
 `HPTTrainer` then refuses, with an error that says what to do: a training set without the demonstration column, or
 whose demonstrations are all missing (unless `feedback="rl"`); a message demonstration with non-assistant roles for
-a string prompt; `offline_loss="luffy"`/`"srft"` with environments; and warns when several reward functions are
+a string prompt; `demonstration_loss="luffy"`/`"srft"` with environments; and warns when several reward functions are
 given without `verifier_reward_index`.
 
 ## GRPOConfig fields that matter to HPT
@@ -209,7 +209,7 @@ These are TRL's own fields, with TRL's meaning and defaults; how HPT uses them i
 | `max_completion_length` | Default of `max_demonstration_length`; the `dr_grpo` denominator. |
 | `loss_type` | Aggregation of the RL term (and of `luffy`/`srft` demonstration rows); `cispo` also selects the CISPO estimator for rollouts. |
 | `epsilon`, `epsilon_high`, `delta`, `importance_sampling_level` | Clipping of the rollout estimator (`importance_sampling_level="sequence"` gives GSPO's sequence ratio). |
-| `scale_rewards` | Advantage normalisation of rollouts, and of the mixed groups of `offline_loss="luffy"`/`"srft"`. |
+| `scale_rewards` | Advantage normalisation of rollouts, and of the mixed groups of `demonstration_loss="luffy"`/`"srft"`. |
 | `beta` | KL coefficient; the KL term is added to rollout rows only. |
 | `reward_weights` | Weights of the total reward, which is also the default verifier reward. |
 | `use_vllm`, `vllm_importance_sampling_correction` | vLLM generation; the importance-sampling correction applies to rollout rows only. |
@@ -256,7 +256,7 @@ def spec_loss_formula(spec) -> str:
 
 def presets_table() -> str:
     """One row per entry of `PRESETS`, with the four components and the loss, read from the specs themselves."""
-    from trl_hpt.estimator import OFFLINE_PRESETS, PRESETS
+    from trl_hpt.estimator import DEMONSTRATION_PRESETS, PRESETS
 
     lines = [
         "| preset | `reference` (pi_ref) | `stabilization` (1_stable) | `advantage` (A_hat) "
@@ -274,7 +274,7 @@ def presets_table() -> str:
             stabilization += f" ({spec.epsilon_low:g}, {spec.epsilon_high:g})"
         elif spec.stabilization == "cispo":
             stabilization += f" (cap {spec.epsilon_high:g})"
-        label = f"`{name}`" + (" (offline)" if name in OFFLINE_PRESETS else "")
+        label = f"`{name}`" + (" (demonstration)" if name in DEMONSTRATION_PRESETS else "")
         lines.append(
             f'| {label} | `"{spec.reference}"` | {stabilization} | `"{spec.advantage}"` | '
             f'{", ".join(shaping) or "-"} | `"{spec.aggregation}"` | {_code(spec_loss_formula(spec))} |'

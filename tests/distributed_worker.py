@@ -15,7 +15,7 @@ gradient differences float-level in the parameters (AdamW would amplify them to 
 
 Case keys: `name`, `mode` (`switch`, `soft_luffy` or `rl`), `loss_type`, `per_device_batch`, `num_generations`,
 `steps`, `solved` (`mixed`: some prompts are never solved and others partly; `none`: no prompt is ever solved) and,
-optionally, `offline_aggregation` and `reward_model` (add a tiny reward model, weight 0, whose forwards each rank
+optionally, `demonstration_aggregation` and `reward_model` (add a tiny reward model, weight 0, whose forwards each rank
 counts: a rank that runs fewer than another would hang a sharded reward model).
 """
 
@@ -107,8 +107,8 @@ def build_trainer(case: dict, output_dir: str):
     config = train_args(
         output_dir,
         feedback=feedback,
-        offline_loss="luffy" if mode == "soft_luffy" else "sft",
-        offline_aggregation=case.get("offline_aggregation"),
+        demonstration_loss="luffy" if mode == "soft_luffy" else "sft",
+        demonstration_aggregation=case.get("demonstration_aggregation"),
         loss_type=case["loss_type"],
         per_device_train_batch_size=case["per_device_batch"],
         num_generations=case["num_generations"],
@@ -177,7 +177,7 @@ def record_steps(trainer) -> list[dict]:
                 "step": trainer.state.global_step,
                 **pending,
                 "row_index": [d.index for d in demos] if demos is not None else [],
-                "offline": rows.offline.tolist(),
+                "demonstration": rows.demonstration.tolist(),
                 "weight": rows.weights.tolist(),
                 "advantages": output["advantages"].tolist(),
                 "tokens": mask.sum(-1).tolist(),

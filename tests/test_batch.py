@@ -18,18 +18,18 @@ def _batch(num_rows=8, width=5):
         "advantages": torch.randn(num_rows),
         "num_items_in_batch": torch.tensor(33.0),
     }
-    offline = torch.arange(num_rows) % 4 == 3
+    demonstration = torch.arange(num_rows) % 4 == 3
     weights = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 2.0])[:num_rows]
-    return attach_rows(batch, offline, weights, policy_rows=6.0, separate_tokens=17.0), offline, weights
+    return attach_rows(batch, demonstration, weights, policy_rows=6.0, separate_tokens=17.0), demonstration, weights
 
 
 def test_rows_survive_grpo_trainers_shuffle_and_split():
-    batch, offline, weights = _batch()
+    batch, demonstration, weights = _batch()
     batch["row"] = torch.arange(8)
     shuffled = shuffle_sequence_dict(batch)
     for part in split_tensor_dict(shuffled, 4):
         rows = hpt_rows(part)
-        assert rows.offline.tolist() == offline[part["row"]].tolist()
+        assert rows.demonstration.tolist() == demonstration[part["row"]].tolist()
         assert rows.weights.tolist() == weights[part["row"]].tolist()
         # Every micro-batch carries the generation batch's counts.
         assert (rows.policy_rows, rows.separate_tokens) == (6.0, 17.0)
@@ -40,10 +40,10 @@ def test_batch_without_hpt_rows_is_grpo_trainers():
 
 
 def test_replace_rows_copies():
-    batch, offline, weights = _batch()
+    batch, demonstration, weights = _batch()
     zeroed = replace_rows(batch, weights=torch.zeros(8))
     assert hpt_rows(zeroed).weights.eq(0).all() and hpt_rows(batch).weights.tolist() == weights.tolist()
-    assert hpt_rows(zeroed).offline.tolist() == offline.tolist() and hpt_rows(zeroed).policy_rows == 6.0
+    assert hpt_rows(zeroed).demonstration.tolist() == demonstration.tolist() and hpt_rows(zeroed).policy_rows == 6.0
 
 
 def test_select_rows_trims_to_the_longest_kept_completion_and_keeps_the_hpt_key():

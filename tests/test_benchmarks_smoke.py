@@ -77,7 +77,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 # `sample/learning.json` is left out: its Markdown was written before the HPT methods' labels gained their
-# `offline_aggregation` (27b18cb), so only those labels differ from a rendering today.
+# `demonstration_aggregation` (27b18cb), so only those labels differ from a rendering today.
 @pytest.mark.parametrize("name", ["learning.json", "spaced/learning.json", "real_model.json", "speed.json"])
 def test_report_reproduces_the_committed_markdown(name, tmp_path):
     out = tmp_path / "report.md"

@@ -30,7 +30,7 @@ HPT_METRICS = [
     "hpt/sft_fraction",
     "hpt/rl_fraction",
     "hpt/prompt_accuracy",
-    "hpt/sft_loss",
+    "hpt/demonstration_loss",
     "hpt/rl_loss",
     "hpt/skipped_rows",
     "hpt/demo_truncated_fraction",

@@ -127,7 +127,7 @@ def test_command_line_overrides_the_recipe():
         + ["--use_cpu", "true", "--dataset_adapter_options", '{"drop_system_prompt": true}']
     )
     assert config.learning_rate == 1e-3 and config.switch_gate == 0.5  # from the command line
-    assert config.sft_loss_coef == 1.0 and config.loss_type == "dr_grpo"  # from the recipe
+    assert config.demonstration_loss_coef == 1.0 and config.loss_type == "dr_grpo"  # from the recipe
     assert model_args.model_name_or_path == "Qwen/Qwen2.5-Math-7B"
     assert script_args.dataset_adapter == "luffy"
     assert script_args.dataset_adapter_options == {"drop_system_prompt": True}

@@ -40,12 +40,18 @@ SPANNING = {"per_device_batch": 6, "num_generations": G, "steps": 3, "solved": "
 CASES = [
     # The default balance (demonstration tokens reduced with the rollouts) and, explicitly, a separate SFT token mean.
     {"name": "switch-dapo", "mode": "switch", "loss_type": "dapo", **SPANNING},
-    {"name": "switch-grpo", "mode": "switch", "loss_type": "grpo", "offline_aggregation": "token_mean", **SPANNING},
+    {
+        "name": "switch-grpo",
+        "mode": "switch",
+        "loss_type": "grpo",
+        "demonstration_aggregation": "token_mean",
+        **SPANNING,
+    },
     {
         "name": "switch-dr_grpo",
         "mode": "switch",
         "loss_type": "dr_grpo",
-        "offline_aggregation": "token_mean",
+        "demonstration_aggregation": "token_mean",
         **SPANNING,
     },
     {"name": "soft_luffy-dapo", "mode": "soft_luffy", "loss_type": "dapo", **SPANNING},
@@ -56,7 +62,7 @@ CASES = [
         "name": "switch_loss_type-dr_grpo",
         "mode": "switch",
         "loss_type": "dr_grpo",
-        "offline_aggregation": "loss_type",
+        "demonstration_aggregation": "loss_type",
         **SPANNING,
     },
     {"name": "rl-grpo", "mode": "rl", "loss_type": "grpo", **SPANNING},
@@ -85,7 +91,7 @@ LOGGED = (
     "hpt/rl_fraction",
     "hpt/skipped_rows",
     "hpt/rl_loss",
-    "hpt/sft_loss",
+    "hpt/demonstration_loss",
 )
 
 
@@ -199,7 +205,7 @@ def test_each_demonstration_is_placed_once_by_the_owner_of_the_last_slot(runs, n
     for step, reference in enumerate(single["steps"]):
         placed = ranks[0]["steps"][step]["placed"]
         expected = [placed[i // G] and i % G == G - 1 for i in range(len(placed) * G)]
-        assert _concat(ranks, step, "offline") == expected == reference["offline"], step
+        assert _concat(ranks, step, "demonstration") == expected == reference["demonstration"], step
         assert _concat(ranks, step, "weight") == reference["weight"], step
         torch.testing.assert_close(
             torch.tensor(_concat(ranks, step, "advantages")), torch.tensor(reference["advantages"]), msg=str(step)
@@ -208,11 +214,11 @@ def test_each_demonstration_is_placed_once_by_the_owner_of_the_last_slot(runs, n
         for key in ("num_items_in_batch", "token_mean_tokens"):
             assert ranks[0]["steps"][step][key] == ranks[1]["steps"][step][key] == reference[key], (step, key)
         tokens = torch.tensor(reference["tokens"], dtype=torch.float)
-        offline = torch.tensor(reference["offline"])
-        if CASE[name].get("offline_aggregation") == "token_mean":
+        demonstration = torch.tensor(reference["demonstration"])
+        if CASE[name].get("demonstration_aggregation") == "token_mean":
             # sft: demonstration tokens form their own term
-            assert reference["num_items_in_batch"] == tokens[~offline].sum().item()
-            assert reference["token_mean_tokens"] == tokens[offline].sum().item()
+            assert reference["num_items_in_batch"] == tokens[~demonstration].sum().item()
+            assert reference["token_mean_tokens"] == tokens[demonstration].sum().item()
         else:  # the default, luffy, "loss_type": demonstration tokens aggregate with the rollouts
             assert reference["num_items_in_batch"] == tokens.sum().item()
 
@@ -228,7 +234,7 @@ def test_the_layouts_cover_groups_spanning_ranks_and_uneven_demonstrations(runs)
         for group, gated in enumerate(placed):
             first_rank, last_rank = group * G // per_device, (group * G + G - 1) // per_device
             spanning_gated |= gated and first_rank != last_rank
-        uneven |= sum(ranks[0]["steps"][step]["offline"]) != sum(ranks[1]["steps"][step]["offline"])
+        uneven |= sum(ranks[0]["steps"][step]["demonstration"]) != sum(ranks[1]["steps"][step]["demonstration"])
     assert spanning_gated, "no gated group spanned the two ranks"
     assert uneven, "the ranks always held the same number of demonstrations"
 
@@ -237,7 +243,8 @@ def test_every_rank_runs_the_reward_model_equally_often(runs):
     """Rollouts and demonstrations go through one scoring path; every rank calls a reward model as often."""
     ranks = runs["soft_luffy-reward_model"]["two"]["ranks"]
     uneven = any(
-        sum(ranks[0]["steps"][step]["offline"]) != sum(ranks[1]["steps"][step]["offline"]) for step in range(3)
+        sum(ranks[0]["steps"][step]["demonstration"]) != sum(ranks[1]["steps"][step]["demonstration"])
+        for step in range(3)
     )
     assert uneven, "the ranks always held the same number of demonstrations: the check would prove nothing"
     counts = [rank["reward_model_forwards"] for rank in ranks]
@@ -250,7 +257,7 @@ def test_a_rank_whose_rows_all_have_zero_weight_still_steps(runs):
     for step in range(3):
         # Rank 0 holds only the gated group's first rollouts (alpha = 0); rank 1 holds its last slot: the demo.
         assert ranks[0]["steps"][step]["weight"] == [0.0, 0.0]
-        assert ranks[1]["steps"][step]["offline"] == [False, True]
+        assert ranks[1]["steps"][step]["demonstration"] == [False, True]
     # It finished all steps (the fixture's timeout and the worker's ddp_timeout catch a hang) and, below, matches.
     assert [len(r["logs"]) for r in ranks] == [3, 3]
 

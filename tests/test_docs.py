@@ -62,9 +62,9 @@ def test_configuration_page_lists_every_hpt_field_with_its_help(hooks):
         "switch_gate",
         "success_threshold",
         "verifier_reward_index",
-        "sft_loss_coef",
-        "offline_loss",
-        "offline_shaping_gamma",
+        "demonstration_loss_coef",
+        "demonstration_loss",
+        "demonstration_shaping_gamma",
         "max_demonstration_length",
     ):
         assert name in {field.name for field in own}
@@ -85,7 +85,7 @@ def test_configuration_page_lists_every_hpt_field_with_its_help(hooks):
 
 
 def test_presets_table_is_generated_from_every_preset(hooks):
-    from trl_hpt.estimator import OFFLINE_PRESETS, PRESETS
+    from trl_hpt.estimator import DEMONSTRATION_PRESETS, PRESETS
 
     table = hooks.presets_table()
     rows = table.splitlines()[2:]
@@ -93,7 +93,7 @@ def test_presets_table_is_generated_from_every_preset(hooks):
     for (name, spec), row in zip(PRESETS.items(), rows):
         assert row.startswith(f"| `{name}`")
         assert f'`"{spec.reference}"`' in row and f'`"{spec.advantage}"`' in row and f'`"{spec.aggregation}"`' in row
-        assert ("(offline)" in row) == (name in OFFLINE_PRESETS)
+        assert ("(demonstration)" in row) == (name in DEMONSTRATION_PRESETS)
     assert hooks.spec_loss_formula(PRESETS["sft"]) == "-lp"
     assert hooks.spec_loss_formula(PRESETS["srft"]) == "-A * p"
     assert hooks.spec_loss_formula(PRESETS["luffy"]) == "-A * p / (p + 0.1)"

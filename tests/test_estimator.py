@@ -18,8 +18,8 @@ from trl_hpt.estimator import (
     importance_ratio,
     loss_type_denominator,
     mixed_per_token_loss,
-    online_spec_from_grpo_config,
     per_token_policy_loss,
+    rollout_spec_from_grpo_config,
     sign_advantages,
     token_mean_loss,
 )
@@ -203,22 +203,22 @@ def test_online_spec_from_grpo_config():
         report_to="none",
         bf16=False,
     )
-    spec = online_spec_from_grpo_config(args)
+    spec = rollout_spec_from_grpo_config(args)
     assert (spec.reference, spec.stabilization, spec.advantage) == ("sequence", "clip", "group_mean")
     assert (spec.epsilon_low, spec.epsilon_high, spec.delta) == (0.1, 0.3, 2.0)
     args.loss_type, args.importance_sampling_level, args.epsilon_high = "cispo", "token", 5.0
-    spec = online_spec_from_grpo_config(args)
+    spec = rollout_spec_from_grpo_config(args)
     assert (spec.stabilization, spec.epsilon_high, spec.delta, spec.reference) == ("cispo", 5.0, None, "rollout")
     args.loss_type, args.sapo_temperature_pos, args.sapo_temperature_neg = "sapo", 0.7, 1.3
-    spec = online_spec_from_grpo_config(args)
+    spec = rollout_spec_from_grpo_config(args)
     assert (spec.stabilization, spec.sapo_temperatures, spec.reference) == ("sapo", (0.7, 1.3), "rollout")
     args.loss_type = "luspo"
-    assert online_spec_from_grpo_config(args).stabilization == "clip"  # LUSPO differs in aggregation only
+    assert rollout_spec_from_grpo_config(args).stabilization == "clip"  # LUSPO differs in aggregation only
     args.loss_type = "vespo"  # TRL's gamma weight comes on top, as a token scale the trainer computes
-    assert online_spec_from_grpo_config(args).reference == "current"
+    assert rollout_spec_from_grpo_config(args).reference == "current"
     args.loss_type = "ppo_kl"
     with pytest.raises(ValueError, match="Unknown loss_type 'ppo_kl'"):
-        online_spec_from_grpo_config(args)
+        rollout_spec_from_grpo_config(args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,9 +248,9 @@ def test_nan_rewards_are_left_out_and_get_zero_advantage():
 
 def test_mixed_group_includes_offline_row():
     rewards = torch.tensor([0.0, 0.0, 0.0, 0.0])  # nobody solved it: GRPO has no signal
-    offline_mask = torch.tensor([False, False, False, True])
+    demonstration_mask = torch.tensor([False, False, False, True])
     # The demonstration's reward in its slot, as HPTTrainer forms LUFFY's and SRFT's mixed groups.
-    mixed = torch.where(offline_mask, torch.ones(4), rewards).unsqueeze(1)
+    mixed = torch.where(demonstration_mask, torch.ones(4), rewards).unsqueeze(1)
     adv = grpo_advantages(mixed, torch.ones(1), 4, "none")
     torch.testing.assert_close(adv, torch.tensor([-0.25, -0.25, -0.25, 0.75]))
     torch.testing.assert_close(grpo_advantages(mixed, torch.ones(1), 4, "group"), group_advantages(mixed[:, 0], 4))
@@ -291,32 +291,34 @@ def test_aggregate_loss_hand_computed(loss_type):
 def test_hybrid_loss_terms_and_skipping_rows():
     """Aggregating a subset of rows with the full batch's denominators gives the full batch's loss and gradients."""
     logits, tokens, lp, old, adv, mask, _ = make_batch(7)
-    offline = torch.tensor([False, False, True, False, False, True])
+    demonstration = torch.tensor([False, False, True, False, False, True])
     weights = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 0.25], dtype=torch.float64)
-    online = ~offline
+    online = ~demonstration
     policy_den = loss_type_denominator("dapo", num_rows=4, num_tokens=0, num_items_in_batch=float(mask[online].sum()))
-    sft_den = float(mask[offline].sum())
+    sft_den = float(mask[demonstration].sum())
     kw = dict(
-        online_spec=PRESETS["grpo"],
-        offline_spec=PRESETS["sft"],
+        rollout_spec=PRESETS["grpo"],
+        demonstration_spec=PRESETS["sft"],
         loss_type="dapo",
-        offline_coef=0.3,
+        demonstration_coef=0.3,
     )
     denominators = dict(policy_denominator=policy_den, token_mean_denominator=sft_den)
-    full_loss, metrics = hybrid_loss(HybridBatch(lp, mask, offline, weights, adv, old, **denominators), **kw)
+    full_loss, metrics = hybrid_loss(HybridBatch(lp, mask, demonstration, weights, adv, old, **denominators), **kw)
     # by hand: policy term over online rows, SFT term over demonstration tokens
     grpo = per_token_policy_loss(PRESETS["grpo"], lp, old, adv, mask)
     sft = per_token_policy_loss(PRESETS["sft"], lp, None, None, mask)
     by_hand = (grpo.sum(-1) * weights * online).sum() / policy_den + 0.3 * (
-        sft.sum(-1) * weights * offline
+        sft.sum(-1) * weights * demonstration
     ).sum() / sft_den
     torch.testing.assert_close(full_loss, by_hand)
-    torch.testing.assert_close(metrics["token_mean_loss"], 0.3 * (sft.sum(-1) * weights * offline).sum() / sft_den)
+    torch.testing.assert_close(
+        metrics["token_mean_loss"], 0.3 * (sft.sum(-1) * weights * demonstration).sum() / sft_den
+    )
     (g_full,) = torch.autograd.grad(full_loss, logits)
 
     keep = weights > 0
     lp_kept = torch.log_softmax(logits[keep], -1).gather(-1, tokens[keep].unsqueeze(-1)).squeeze(-1)
-    kept = HybridBatch(lp_kept, mask[keep], offline[keep], weights[keep], adv[keep], old[keep], **denominators)
+    kept = HybridBatch(lp_kept, mask[keep], demonstration[keep], weights[keep], adv[keep], old[keep], **denominators)
     part_loss, _ = hybrid_loss(kept, **kw)
     (g_part,) = torch.autograd.grad(part_loss, logits)
     torch.testing.assert_close(part_loss, full_loss, atol=1e-12, rtol=0)
@@ -342,14 +344,14 @@ def test_hybrid_loss_with_the_callers_ratio_equals_its_own_and_reports_clipping(
         "cispo": {"epsilon_high": 1.5},
     }
     spec = PRESETS[online].replace(**changes[online])
-    offline = torch.tensor([False, True, False, False, True, False])
+    demonstration = torch.tensor([False, True, False, False, True, False])
     weights = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0, 2.0], dtype=torch.float64)
-    kw = dict(online_spec=spec, offline_spec=PRESETS["sft"], loss_type="dapo")
+    kw = dict(rollout_spec=spec, demonstration_spec=PRESETS["sft"], loss_type="dapo")
     dens = dict(policy_denominator=20.0, token_mean_denominator=7.0)
-    own_loss, own = hybrid_loss(HybridBatch(lp, mask, offline, weights, adv, old, **dens), **kw)
+    own_loss, own = hybrid_loss(HybridBatch(lp, mask, demonstration, weights, adv, old, **dens), **kw)
     (own_grad,) = torch.autograd.grad(own_loss, logits, retain_graph=True)
     ratio = importance_ratio(lp, old, mask, spec.ratio_level)
-    given_loss, given = hybrid_loss(HybridBatch(lp, mask, offline, weights, adv, old, ratio=ratio, **dens), **kw)
+    given_loss, given = hybrid_loss(HybridBatch(lp, mask, demonstration, weights, adv, old, ratio=ratio, **dens), **kw)
     (given_grad,) = torch.autograd.grad(given_loss, logits)
     torch.testing.assert_close(given_loss, own_loss, atol=0, rtol=0)
     torch.testing.assert_close(given_grad, own_grad, atol=0, rtol=0)
@@ -358,4 +360,4 @@ def test_hybrid_loss_with_the_callers_ratio_equals_its_own_and_reports_clipping(
     assert sorted(own) == sorted(["policy_loss", "token_mean_loss", *(f"clip/{k}" for k in expected)])
     for name, clipped in expected.items():
         assert torch.equal(own[f"clip/{name}"], clipped) and torch.equal(given[f"clip/{name}"], clipped)
-    assert any(bool(c[~offline].any()) for c in expected.values())  # the batch does clip some rollout tokens
+    assert any(bool(c[~demonstration].any()) for c in expected.values())  # the batch does clip some rollout tokens

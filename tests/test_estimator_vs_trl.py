@@ -4,7 +4,7 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from trl_hpt.estimator import aggregate_loss, group_advantages, online_spec_from_grpo_config, per_token_policy_loss
+from trl_hpt.estimator import aggregate_loss, group_advantages, per_token_policy_loss, rollout_spec_from_grpo_config
 from trl_hpt.testing import build_char_tokenizer, generation_batch, make_trainer
 
 
@@ -83,7 +83,7 @@ def test_preset_with_trl_aggregation_equals_trl_compute_loss(grpo_trainer, monke
     trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     (trl_grad,) = torch.autograd.grad(trl_loss, lp)
 
-    spec = online_spec_from_grpo_config(args)
+    spec = rollout_spec_from_grpo_config(args)
     per_token = per_token_policy_loss(
         spec, lp, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"]
     )

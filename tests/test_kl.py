@@ -50,8 +50,8 @@ def explicit_kl(trainer, batch, rows, loss_type, bias_correction):
         per_token = per_token * torch.exp(logps[rows] - logps[rows].detach())
     weights = hpt_rows(batch).weights[rows]
     # Demonstrations are rows of the policy term unless they form their own token mean.
-    separate = trainer.offline_spec.aggregation == "token_mean"
-    policy_rows = ~hpt_rows(batch).offline if separate else torch.ones_like(hpt_rows(batch).offline)
+    separate = trainer.demonstration_spec.aggregation == "token_mean"
+    policy_rows = ~hpt_rows(batch).demonstration if separate else torch.ones_like(hpt_rows(batch).demonstration)
     if loss_type == "dapo":
         loss = (weights * per_token.sum(-1)).sum() / batch["num_items_in_batch"]
     else:  # grpo: per-sequence token mean, over the policy rows of the batch
@@ -86,12 +86,12 @@ def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, 
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = generation_batch(trainer, G)
-    offline, weights = hpt_rows(batch).offline, hpt_rows(batch).weights
-    rollouts = ~offline & (weights > 0)
-    assert offline.sum() == 2 and rollouts.sum() == 2 * G
+    demonstration, weights = hpt_rows(batch).demonstration, hpt_rows(batch).weights
+    rollouts = ~demonstration & (weights > 0)
+    assert demonstration.sum() == 2 and rollouts.sum() == 2 * G
 
     # Demonstration rows alone: the KL term changes neither loss nor gradient.
-    demos = replace_rows(batch, weights=torch.where(offline, weights, torch.zeros_like(weights)))
+    demos = replace_rows(batch, weights=torch.where(demonstration, weights, torch.zeros_like(weights)))
     with_kl, without_kl = with_beta(trainer, demos, BETA), with_beta(trainer, demos, 0.0)
     assert without_kl[0] > 0
     assert_same(with_kl, without_kl, atol=0, rtol=0)
@@ -99,7 +99,7 @@ def test_kl_term_acts_on_rollout_rows_only(tmp_path, char_tokenizer, model_dir, 
     # Rollout rows alone, and the whole batch: the KL term adds exactly beta * KL over the rollouts.
     kl = explicit_kl(trainer, batch, rollouts, loss_type, bias_correction)
     assert kl[0] > 0 and any(g.abs().max() > 0 for g in kl[1])
-    online = replace_rows(batch, weights=torch.where(offline, torch.zeros_like(weights), weights))
+    online = replace_rows(batch, weights=torch.where(demonstration, torch.zeros_like(weights), weights))
     for inputs in (online, batch):
         with_kl, without_kl = with_beta(trainer, inputs, BETA), with_beta(trainer, inputs, 0.0)
         difference = (with_kl[0] - without_kl[0], [a - b for a, b in zip(with_kl[1], without_kl[1])])
@@ -121,17 +121,17 @@ def test_kl_term_gives_finite_gradients_on_improbable_demonstrations(tmp_path, c
     model.save_pretrained(str(path))
     trainer = _trainer(tmp_path, char_tokenizer, str(path), loss_type="dapo")
     batch = generation_batch(trainer, G)
-    offline = hpt_rows(batch).offline
-    assert offline.any()
+    demonstration = hpt_rows(batch).demonstration
+    assert demonstration.any()
 
     logps = per_token_logps(trainer, batch)
-    assert logps[offline][batch["completion_mask"][offline].bool()].min() < -100
+    assert logps[demonstration][batch["completion_mask"][demonstration].bool()].min() < -100
 
     loss, grads = with_beta(trainer, batch, BETA)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads)
     # And the term still leaves the demonstrations' gradient as it is without KL.
     demos = replace_rows(
-        batch, weights=torch.where(offline, hpt_rows(batch).weights, torch.zeros_like(hpt_rows(batch).weights))
+        batch, weights=torch.where(demonstration, hpt_rows(batch).weights, torch.zeros_like(hpt_rows(batch).weights))
     )
     assert_same(with_beta(trainer, demos, BETA), with_beta(trainer, demos, 0.0), atol=0, rtol=0)

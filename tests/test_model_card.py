@@ -1,4 +1,4 @@
-"""HPTTrainer's model card (TRL's template with HPT's name, tags and citation) and the push_to_hub path, offline."""
+"""HPTTrainer's model card (TRL's template with HPT's name, tags and citation) and the push_to_hub path, demonstration."""
 
 from types import SimpleNamespace
 from unittest import mock

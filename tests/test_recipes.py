@@ -74,7 +74,7 @@ def test_paper_recipe_has_the_papers_numbers():
     assert script_args.dataset_name == "Elliott/Openr1-Math-46k-8192" and script_args.dataset_adapter == "luffy"
     assert script_args.reward_funcs == ["math_verify"]
     assert (config.feedback, config.switch_gate, config.num_generations) == ("switch", 0.0, 8)
-    assert (config.sft_loss_coef, config.offline_loss) == (1.0, "sft")
+    assert (config.demonstration_loss_coef, config.demonstration_loss) == (1.0, "sft")
     assert (config.scale_rewards, config.loss_type, config.num_iterations) == ("none", "dr_grpo", 1)
     assert config.beta == 0.0 and config.entropy_coef == 0.001
     assert config.learning_rate == 5e-6 and config.max_steps == 500
@@ -83,7 +83,7 @@ def test_paper_recipe_has_the_papers_numbers():
     # The reference clips gradients at 1.0 (actor.grad_clip); its "max_grad_norm=80" skips steps whose norm exceeds 80.
     assert config.max_grad_norm == 1.0 and config.skip_grad_norm_above == 80.0
     # The reference's loss arithmetic exactly (tests/test_reference_fidelity.py): no clip, no division by rows.
-    assert (config.offline_aggregation, config.rl_aggregation) == ("token_mean", "max_length_sum")
+    assert (config.demonstration_aggregation, config.rl_aggregation) == ("token_mean", "max_length_sum")
     assert config.epsilon >= 1.0
     assert raw("hpt_qwen2.5_math_7b.yaml")["bf16"] is True
     assert config.use_vllm and config.vllm_mode == "colocate"
@@ -94,7 +94,7 @@ def test_paper_recipe_has_the_papers_numbers():
 def test_variants_differ_from_the_paper_recipe_where_the_paper_says():
     base = vars(parse("hpt_qwen2.5_math_7b.yaml")[1])
     _, small, small_model = parse("hpt_qwen2.5_math_1.5b.yaml")
-    assert small_model.model_name_or_path == "Qwen/Qwen2.5-Math-1.5B" and small.sft_loss_coef == 0.3
+    assert small_model.model_name_or_path == "Qwen/Qwen2.5-Math-1.5B" and small.demonstration_loss_coef == 0.3
 
     _, llama, llama_model = parse("hpt_llama3.1_8b.yaml")
     # The reference trains the base model with a gate of 2 correct rollouts out of 8 (exp_scripts/train_llama.sh).
@@ -106,7 +106,7 @@ def test_variants_differ_from_the_paper_recipe_where_the_paper_says():
     assert 1e-5 <= lora.learning_rate <= 5e-5 and lora_model.model_name_or_path == "Qwen/Qwen2.5-Math-1.5B"
 
     _, luffy, _ = parse("luffy.yaml")
-    assert (luffy.feedback, luffy.offline_loss, luffy.offline_shaping_gamma) == ("soft", "luffy", 0.1)
+    assert (luffy.feedback, luffy.demonstration_loss, luffy.demonstration_shaping_gamma) == ("soft", "luffy", 0.1)
     _, grpo, _ = parse("grpo.yaml")
     assert grpo.feedback == "rl"
     for config in (small, llama, luffy, grpo):
@@ -158,7 +158,14 @@ def test_recipe_trains_a_tiny_model_with_its_algorithm(name, local_files, tmp_pa
         *["--gradient_checkpointing", "false", "--disable_tqdm", "true", "--reward_funcs", *rewards],
     )
     values = raw(name)
-    for field in ("feedback", "switch_gate", "offline_loss", "sft_loss_coef", "loss_type", "scale_rewards"):
+    for field in (
+        "feedback",
+        "switch_gate",
+        "demonstration_loss",
+        "demonstration_loss_coef",
+        "loss_type",
+        "scale_rewards",
+    ):
         if field in values:
             assert getattr(config, field) == values[field], field
 
@@ -187,8 +194,8 @@ def test_cpu_recipe_needs_no_override_but_the_model(monkeypatch):
     assert model_args.dtype == "float32" and not config.gradient_checkpointing
     assert config.num_generations <= 4 and config.gradient_accumulation_steps <= 2
     assert config.max_completion_length <= 256 and not config.push_to_hub
-    assert (config.feedback, config.switch_gate, config.offline_loss) == ("switch", 0.0, "sft")
-    # The data is a local file of the repository, read offline by its adapter.
+    assert (config.feedback, config.switch_gate, config.demonstration_loss) == ("switch", 0.0, "sft")
+    # The data is a local file of the repository, read demonstration by its adapter.
     data = Path(script_args.dataset_name)
     assert not data.is_absolute() and data.is_file() and script_args.dataset_adapter == "problem_solution"
     assert cli.resolve_reward_funcs(script_args.reward_funcs)

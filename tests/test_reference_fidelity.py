@@ -4,7 +4,7 @@ The reference (TsinghuaC3I/Unify-Post-Training, verl: `mix_src/mix_actor.py`, `m
 `trainer/ppo/core_algos.py`, `exp_scripts/train.sh`) computes, per micro-batch, with `switch` removing the rollouts of
 the prompts it sends to SFT:
 
-    L = c * mean_{demonstration tokens}(-log p)                       compute_sft_pure_loss, sft_loss_coef
+    L = c * mean_{demonstration tokens}(-log p)                       compute_sft_pure_loss, demonstration_loss_coef
         + sum_{rollout tokens}(-A * r) / max_response_length          loss_remove_token_mean, loss_remove_clip
         - 0.001 * mean_{every token of the micro-batch}(entropy)      entropy_coeff, demonstrations included
 
@@ -27,15 +27,15 @@ COEF = 0.3
 REFERENCE = dict(
     feedback="switch",
     switch_gate=0.0,
-    offline_loss="sft",
-    offline_aggregation="token_mean",
+    demonstration_loss="sft",
+    demonstration_aggregation="token_mean",
     rl_aggregation="max_length_sum",
     loss_type="dr_grpo",
     scale_rewards="none",
     epsilon=1e9,  # loss_remove_clip: the ratio is never clipped
     beta=0.0,
     entropy_coef=0.001,
-    sft_loss_coef=COEF,
+    demonstration_loss_coef=COEF,
     max_grad_norm=1.0,
     skip_grad_norm_above=80.0,
 )
@@ -61,10 +61,10 @@ def test_one_configuration_reproduces_the_reference_loss_and_gradients(tmp_path,
     hpt_grads = [p.grad.clone() for p in model.parameters()]
 
     # The reference, written from its formulas on the same rows.
-    offline = hpt_rows(batch).offline.view(-1, G)
-    sft_prompts = offline[:, -1]
+    demonstration = hpt_rows(batch).demonstration.view(-1, G)
+    sft_prompts = demonstration[:, -1]
     assert sft_prompts.tolist() == [True, False, True, False]
-    demo_rows = offline.reshape(-1)
+    demo_rows = demonstration.reshape(-1)
     rollout_rows = (~sft_prompts).repeat_interleave(G)  # the RL prompts' rollouts; switch removed the others
     rewards = torch.tensor([1.0 if j < k else 0.2 * j for k in NUM_CORRECT for j in range(G)])
     advantages = (rewards.view(-1, G) - rewards.view(-1, G).mean(1, keepdim=True)).reshape(-1)

@@ -19,16 +19,16 @@ def _trainer(tmp_path, tokenizer, counts, **overrides):
 @pytest.mark.parametrize("feedback", ["switch", "rl", "soft"])
 def test_only_the_rollouts_of_solved_prompts_get_the_advantage(tmp_path, char_tokenizer, feedback):
     counts = [0, 1, 4, 4]  # prompts 2 and 3 solved by every rollout
-    extra = {"offline_loss": "luffy"} if feedback == "soft" else {}
+    extra = {"demonstration_loss": "luffy"} if feedback == "soft" else {}
     torch.manual_seed(0)
     plain = generation_batch(_trainer(tmp_path / "a", char_tokenizer, counts, feedback=feedback, **extra), G)
     torch.manual_seed(0)
     trainer = _trainer(tmp_path / "b", char_tokenizer, counts, feedback=feedback, solved_advantage=0.5, **extra)
     bonus = generation_batch(trainer, G)
     rows = hpt_rows(bonus)
-    offline = rows.offline if rows is not None else torch.zeros(len(PAIRS) * G, dtype=torch.bool)
+    demonstration = rows.demonstration if rows is not None else torch.zeros(len(PAIRS) * G, dtype=torch.bool)
     expected = plain["advantages"].view(-1, G).clone()
-    solved_rows = ~offline.view(-1, G)
+    solved_rows = ~demonstration.view(-1, G)
     solved_rows[:2] = False
     expected[solved_rows] += 0.5
     torch.testing.assert_close(bonus["advantages"].view(-1, G), expected)

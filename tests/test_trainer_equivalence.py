@@ -77,4 +77,4 @@ def test_feedback_sft_is_a_cross_entropy_sgd_step(tmp_path, char_tokenizer):
         torch.testing.assert_close(p_hpt.detach(), p_ref.detach(), atol=1e-6, rtol=1e-5, msg=name)
     log = trainer.state.log_history[0]
     assert log["hpt/sft_fraction"] == 1.0 and log["hpt/rl_fraction"] == 0.0
-    assert log["hpt/sft_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert log["hpt/demonstration_loss"] == pytest.approx(loss.item(), rel=1e-5)

@@ -56,7 +56,7 @@ def test_iterations_accumulation_and_generation_reuse(tmp_path, char_tokenizer, 
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
     # Like GRPOTrainer's reward metrics, the gate metrics come with the steps that generate.
     assert all(("hpt/prompt_accuracy" in h) == ("reward" in h) for h in logs)
-    assert any("hpt/prompt_accuracy" in h for h in logs) and all("hpt/sft_loss" in h for h in logs)
+    assert any("hpt/prompt_accuracy" in h for h in logs) and all("hpt/demonstration_loss" in h for h in logs)
 
 
 def test_checkpoint_resumes_and_finishes(tmp_path, char_tokenizer):
@@ -116,9 +116,30 @@ def test_unsupported_trl_version_is_refused(tmp_path, char_tokenizer):
 def test_config_validation_names_the_field(tmp_path):
     for field, value in [
         ("feedback", "sometimes"),
-        ("offline_loss", "dpo"),
+        ("demonstration_loss", "dpo"),
         ("switch_gate", 1.5),
-        ("sft_loss_coef", -1),
+        ("demonstration_loss_coef", -1),
     ]:
         with pytest.raises(ValueError, match=field):
             train_args(tmp_path, **{field: value})
+
+
+def test_former_demonstration_field_names_still_work_with_a_warning(tmp_path):
+    from trl_hpt.config import RENAMED_FIELDS
+
+    values = {"sft_loss_coef": 0.3, "offline_loss": "luffy", "offline_shaping_gamma": 0.5}
+    with pytest.warns(FutureWarning, match="offline_loss is deprecated") as record:
+        args = train_args(tmp_path, feedback="soft", **values)
+    assert (args.demonstration_loss_coef, args.demonstration_loss, args.demonstration_shaping_gamma) == (
+        0.3,
+        "luffy",
+        0.5,
+    )
+    assert all(getattr(args, old) is None for old in RENAMED_FIELDS)
+    assert sum("deprecated" in str(w.message) and "trl-hpt" in str(w.message) for w in record) == 3
+    with pytest.raises(ValueError, match="demonstration_aggregation='sum' is not one of"):
+        train_args(tmp_path, offline_aggregation="sum")
+    # A GRPOConfig turned into an HPTConfig takes the former names too.
+    grpo = train_args(tmp_path, cls=GRPOConfig)
+    with pytest.warns(FutureWarning, match="sft_loss_coef"):
+        assert HPTConfig.from_grpo_config(grpo, sft_loss_coef=2.0).demonstration_loss_coef == 2.0

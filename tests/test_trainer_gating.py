@@ -40,14 +40,19 @@ def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokeniz
     rows = addition_rows(PAIRS)
     k = correct_counts(0, 1, 2, 4)
     trainer = make_trainer(
-        tmp_path, char_tokenizer, rows, rollout_index_reward(k), switch_gate=gate, offline_aggregation="token_mean"
+        tmp_path,
+        char_tokenizer,
+        rows,
+        rollout_index_reward(k),
+        switch_gate=gate,
+        demonstration_aggregation="token_mean",
     )
     out = generation_batch(trainer, G)
     accuracy = torch.tensor([k[r["prompt"]] / G for r in rows])
     to_sft = accuracy <= gate
-    offline, weights = hpt_rows(out).offline.view(-1, G), hpt_rows(out).weights.view(-1, G)
+    demonstration, weights = hpt_rows(out).demonstration.view(-1, G), hpt_rows(out).weights.view(-1, G)
     # Exactly the gated prompts get their demonstration, in the last slot, with weight beta = 1.
-    assert offline[:, -1].tolist() == to_sft.tolist() and not offline[:, :-1].any()
+    assert demonstration[:, -1].tolist() == to_sft.tolist() and not demonstration[:, :-1].any()
     assert weights[to_sft].tolist() == [[0.0, 0.0, 0.0, 1.0]] * int(to_sft.sum())
     assert weights[~to_sft].tolist() == [[1.0] * G] * int((~to_sft).sum())
     for row, demo in zip(
@@ -64,9 +69,9 @@ def test_switch_sends_exactly_the_unsolved_prompts_to_sft(tmp_path, char_tokeniz
     assert metrics["hpt/rl_fraction"][-1] == pytest.approx(1 - to_sft.float().mean().item())
     assert metrics["hpt/prompt_accuracy"][-1] == pytest.approx(accuracy.mean().item())
     # global token count is recomputed over the rows the policy term sees (demonstration rows excluded for sft)
-    mask = out["completion_mask"][~hpt_rows(out).offline]
+    mask = out["completion_mask"][~hpt_rows(out).demonstration]
     assert out["num_items_in_batch"].item() == mask.sum().item()
-    assert hpt_rows(out).separate_tokens == out["completion_mask"][hpt_rows(out).offline].sum().item()
+    assert hpt_rows(out).separate_tokens == out["completion_mask"][hpt_rows(out).demonstration].sum().item()
 
 
 @pytest.mark.parametrize(
@@ -92,19 +97,25 @@ def test_feedback_strategies_produce_their_weights(tmp_path, char_tokenizer, fee
         # Nothing of HPT's in the batch: it is GRPOTrainer's own, trained by GRPOTrainer's loss.
         assert hpt_rows(out) is None
         return
-    weights, offline = hpt_rows(out).weights.view(-1, G), hpt_rows(out).offline.view(-1, G)
+    weights, demonstration = hpt_rows(out).weights.view(-1, G), hpt_rows(out).demonstration.view(-1, G)
     for i, row in enumerate(rows):
         alpha, beta = expected(k[row["prompt"]] / G)
-        assert offline[i, -1].item() == (beta > 0)
+        assert demonstration[i, -1].item() == (beta > 0)
         assert weights[i, -1].item() == pytest.approx(beta if beta > 0 else alpha)
         assert weights[i, :-1].tolist() == pytest.approx([alpha] * (G - 1))
 
 
-@pytest.mark.parametrize("offline_loss", ["luffy", "srft", "chord_phi"])
-def test_offline_losses_train_end_to_end(tmp_path, char_tokenizer, offline_loss):
+@pytest.mark.parametrize("demonstration_loss", ["luffy", "srft", "chord_phi"])
+def test_offline_losses_train_end_to_end(tmp_path, char_tokenizer, demonstration_loss):
     rows = addition_rows(PAIRS)
     trainer = make_trainer(
-        tmp_path, char_tokenizer, rows, dense_reward, feedback="soft", offline_loss=offline_loss, max_steps=2
+        tmp_path,
+        char_tokenizer,
+        rows,
+        dense_reward,
+        feedback="soft",
+        demonstration_loss=demonstration_loss,
+        max_steps=2,
     )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -126,7 +137,7 @@ def test_luffy_advantages_include_the_demonstration_in_the_group(tmp_path, char_
         ]
 
     trainer = make_trainer(
-        tmp_path, char_tokenizer, rows, reward, feedback="soft", offline_loss="luffy", scale_rewards="none"
+        tmp_path, char_tokenizer, rows, reward, feedback="soft", demonstration_loss="luffy", scale_rewards="none"
     )
     out = generation_batch(trainer, G)
     adv = out["advantages"].view(-1, G)
@@ -213,8 +224,8 @@ def test_rows_without_demonstration_train_by_rl_and_are_counted(tmp_path, char_t
         tmp_path, char_tokenizer, rows, rollout_index_reward(dict.fromkeys([r["prompt"] for r in rows], 0))
     )
     out = generation_batch(trainer, G)
-    offline, weights = hpt_rows(out).offline.view(-1, G), hpt_rows(out).weights.view(-1, G)
-    assert offline[:, -1].tolist() == [False, False, True, True]
+    demonstration, weights = hpt_rows(out).demonstration.view(-1, G), hpt_rows(out).weights.view(-1, G)
+    assert demonstration[:, -1].tolist() == [False, False, True, True]
     assert weights[:2].tolist() == [[1.0] * G] * 2  # RL only, as under GRPO
     assert trainer._metrics["train"]["hpt/no_demo_fraction"][-1] == 0.5
 
@@ -249,9 +260,9 @@ def test_reward_none_counts_as_neither_success_nor_failure(tmp_path, char_tokeni
 
     trainer = make_trainer(tmp_path, char_tokenizer, rows, reward)
     out = generation_batch(trainer, G)
-    offline, weights = hpt_rows(out).offline.view(-1, G), hpt_rows(out).weights.view(-1, G)
+    demonstration, weights = hpt_rows(out).demonstration.view(-1, G), hpt_rows(out).weights.view(-1, G)
     # Only prompt 2 (scored, never correct) goes to SFT; the unscored prompt trains as GRPO would (weight 1).
-    assert offline[:, -1].tolist() == [False, False, True, False]
+    assert demonstration[:, -1].tolist() == [False, False, True, False]
     assert weights[0].tolist() == [1.0] * G
     metrics = trainer._metrics["train"]
     assert metrics["hpt/prompt_accuracy"][-1] == pytest.approx((1 / 3 + 0 + 1) / 3)  # mean over known P
@@ -287,21 +298,21 @@ def test_offline_aggregation_loss_equals_its_closed_form(tmp_path, char_tokenize
         rollout_index_reward(k),
         loss_type=loss_type,
         scale_rewards="none",
-        sft_loss_coef=coef,
-        offline_aggregation=aggregation,
+        demonstration_loss_coef=coef,
+        demonstration_aggregation=aggregation,
     )
-    assert trainer.offline_spec.aggregation == aggregation
+    assert trainer.demonstration_spec.aggregation == aggregation
     batch = generation_batch(trainer, G)
     loss = trainer._compute_loss(trainer.model, dict(batch))
 
     with torch.no_grad():
         logps = per_token_logps(trainer, batch)
     mask = batch["completion_mask"].float()
-    offline, weight = hpt_rows(batch).offline, hpt_rows(batch).weights
+    demonstration, weight = hpt_rows(batch).demonstration, hpt_rows(batch).weights
     # One update per generation batch: the ratio is 1, a rollout token's loss is -A; a demonstration token's -log p.
-    per_token = torch.where(offline.unsqueeze(1), -logps, -batch["advantages"].view(-1, 1).expand_as(logps))
-    row_weight = torch.where(offline, coef * weight, weight).unsqueeze(1)
-    policy = ~offline if aggregation == "token_mean" else torch.ones_like(offline)
+    per_token = torch.where(demonstration.unsqueeze(1), -logps, -batch["advantages"].view(-1, 1).expand_as(logps))
+    row_weight = torch.where(demonstration, coef * weight, weight).unsqueeze(1)
+    policy = ~demonstration if aggregation == "token_mean" else torch.ones_like(demonstration)
     weighted = per_token * row_weight * mask
     if loss_type == "dr_grpo":
         expected = weighted[policy].sum() / (policy.sum() * trainer.max_completion_length)
@@ -310,21 +321,24 @@ def test_offline_aggregation_loss_equals_its_closed_form(tmp_path, char_tokenize
     else:
         expected = (weighted[policy].sum(1) / mask[policy].sum(1)).sum() / policy.sum()
     if aggregation == "token_mean":
-        expected = expected + weighted[offline].sum() / mask[offline].sum()
-    assert offline.sum() == 2
+        expected = expected + weighted[demonstration].sum() / mask[demonstration].sum()
+    assert demonstration.sum() == 2
     torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_offline_aggregation_is_validated(tmp_path):
-    with pytest.raises(ValueError, match="offline_aggregation='sum'"):
-        train_args(tmp_path, offline_aggregation="sum")
-    with pytest.raises(ValueError, match="offline_loss='luffy'"):
-        train_args(tmp_path, offline_loss="luffy", offline_aggregation="token_mean")
-    assert train_args(tmp_path, offline_loss="luffy", offline_aggregation="loss_type").offline_loss == "luffy"
+    with pytest.raises(ValueError, match="demonstration_aggregation='sum'"):
+        train_args(tmp_path, demonstration_aggregation="sum")
+    with pytest.raises(ValueError, match="demonstration_loss='luffy'"):
+        train_args(tmp_path, demonstration_loss="luffy", demonstration_aggregation="token_mean")
+    assert (
+        train_args(tmp_path, demonstration_loss="luffy", demonstration_aggregation="loss_type").demonstration_loss
+        == "luffy"
+    )
 
 
 @pytest.mark.parametrize(
-    "feedback, offline_loss, expected",
+    "feedback, demonstration_loss, expected",
     [
         ("sft", "sft", "token_mean"),  # no RL term: exactly cross-entropy training
         ("switch", "sft", "loss_type"),  # beside an RL term: a demonstration token weighs a rollout token's
@@ -333,13 +347,18 @@ def test_offline_aggregation_is_validated(tmp_path):
     ],
 )
 def test_default_offline_aggregation_depends_on_whether_an_rl_term_exists(
-    tmp_path, char_tokenizer, feedback, offline_loss, expected
+    tmp_path, char_tokenizer, feedback, demonstration_loss, expected
 ):
     trainer = make_trainer(
-        tmp_path, char_tokenizer, addition_rows(PAIRS), dense_reward, feedback=feedback, offline_loss=offline_loss
+        tmp_path,
+        char_tokenizer,
+        addition_rows(PAIRS),
+        dense_reward,
+        feedback=feedback,
+        demonstration_loss=demonstration_loss,
     )
-    assert trainer.args.offline_aggregation is None
-    assert trainer.offline_spec.aggregation == expected
+    assert trainer.args.demonstration_aggregation is None
+    assert trainer.demonstration_spec.aggregation == expected
 
 
 def test_gate_decision_is_a_pure_function_of_accuracy_and_demonstrations():

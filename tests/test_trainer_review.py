@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo_advantages(out):
-    return out["advantages"].view(-1, G)[:, -1][hpt_rows(out).offline.view(-1, G)[:, -1]]
+    return out["advantages"].view(-1, G)[:, -1][hpt_rows(out).demonstration.view(-1, G)[:, -1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def test_luffy_demonstrations_in_a_solution_column_score_with_trls_accuracy_rewa
         rows,
         accuracy_reward,
         feedback="soft",
-        offline_loss="luffy",
+        demonstration_loss="luffy",
         demonstration_column="solution",
         scale_rewards="none",
     )
@@ -75,7 +75,7 @@ def test_demonstrations_reach_rewards_in_the_rollouts_format(
         seen.append((completions, completion_ids))
         return [1.0 if c == expected_completion else 0.0 for c in completions]
 
-    trainer = make_trainer(tmp_path, char_tokenizer, rows, reward, feedback="soft", offline_loss="srft")
+    trainer = make_trainer(tmp_path, char_tokenizer, rows, reward, feedback="soft", demonstration_loss="srft")
     out = generation_batch(trainer, G)
     demo_completions, demo_ids = seen[-1]
     assert demo_completions == [expected_completion]
@@ -93,7 +93,7 @@ def test_token_id_rewards_score_demonstrations_by_their_tokens(tmp_path, char_to
         rows,
         overlong,
         feedback="soft",
-        offline_loss="luffy",
+        demonstration_loss="luffy",
         max_completion_length=31,
         scale_rewards="none",
     )
@@ -120,7 +120,7 @@ def test_demonstration_format_does_not_depend_on_the_hash_seed(tmp_path):
             assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions), completions
             return [1.0] * len(completions)
 
-        trainer = make_trainer(tempfile.mkdtemp(), tokenizer, rows, reward, feedback="soft", offline_loss="luffy")
+        trainer = make_trainer(tempfile.mkdtemp(), tokenizer, rows, reward, feedback="soft", demonstration_loss="luffy")
         generation_batch(trainer, 4)
         print("ok")
         """
@@ -144,7 +144,7 @@ def test_mixed_groups_follow_normalize_then_sum(tmp_path, char_tokenizer):
         rows,
         [dense_reward, always],
         feedback="soft",
-        offline_loss="luffy",
+        demonstration_loss="luffy",
         multi_objective_aggregation="normalize_then_sum",
     )
     out = generation_batch(trainer, G)
@@ -204,8 +204,8 @@ def test_widening_covers_prompt_plus_completion_keys_and_pads_with_the_pad_token
         "advantages": torch.zeros(rows),
     }
     demo = [30, 31, 32, 33, char_tokenizer.eos_token_id]
-    offline = torch.tensor([False, False, False, True])
-    trainer._place_demonstrations(output, offline, [Demonstration(demo)] * rows)
+    demonstration = torch.tensor([False, False, False, True])
+    trainer._place_demonstrations(output, demonstration, [Demonstration(demo)] * rows)
     assert output["completion_ids"].shape == (rows, len(demo))
     for key in ("token_type_ids", "mm_token_type_ids"):
         assert output[key].shape == (rows, prompt_width + len(demo)), key  # was left at prompt + 2: IndexError
@@ -222,7 +222,7 @@ def test_denominators_are_clamped_before_they_are_spread(tmp_path, char_tokenize
     )
     inputs = attach_rows(
         {"completion_mask": torch.ones(2, 3)},
-        offline=torch.tensor([False, True]),
+        demonstration=torch.tensor([False, True]),
         weights=torch.ones(2),
         policy_rows=1.0,
         separate_tokens=1.0,
@@ -316,7 +316,7 @@ def test_truncated_demonstrations_follow_mask_truncated_completions(tmp_path, ch
         )
         out = generation_batch(trainer, G)
         # Masked: the cut demonstration is not trained (its prompt stays RL); otherwise it is, like the others.
-        assert hpt_rows(out).offline.view(-1, G)[:, -1].tolist() == [not masked, True, True, True]
+        assert hpt_rows(out).demonstration.view(-1, G)[:, -1].tolist() == [not masked, True, True, True]
 
 
 CHATML = (

@@ -21,9 +21,11 @@ G = 4
 OFF_POLICY_THRESHOLD = 0.05
 
 
-def vllm_trainer(tmp_path, tokenizer, feedback, offline_loss, mode):
+def vllm_trainer(tmp_path, tokenizer, feedback, demonstration_loss, mode):
     # The first two prompts are never solved: switch sends them to SFT.
-    trainer = gated_trainer(tmp_path, tokenizer, loss_type="dapo", feedback=feedback, offline_loss=offline_loss)
+    trainer = gated_trainer(
+        tmp_path, tokenizer, loss_type="dapo", feedback=feedback, demonstration_loss=demonstration_loss
+    )
     batch = generation_batch(trainer, G)
     # What `use_vllm=True` turns on in GRPOTrainer's loss (vLLM itself is not needed to build its inputs).
     trainer.use_vllm = True
@@ -41,7 +43,7 @@ def add_vllm_fields(trainer, batch):
     """
     torch.manual_seed(0)
     mask = batch["completion_mask"]
-    offline = hpt_rows(batch).offline.unsqueeze(1)
+    demonstration = hpt_rows(batch).demonstration.unsqueeze(1)
     with torch.no_grad():
         old = per_token_logps(trainer, batch)
     # Rollouts were sampled by a policy a little off the training one, so the ratios are not 1 and some rollouts
@@ -51,9 +53,9 @@ def add_vllm_fields(trainer, batch):
     if trainer.vllm_importance_sampling_mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
     ratio = torch.clamp(torch.exp(diff), max=trainer.vllm_importance_sampling_clip_max)
-    batch["old_per_token_logps"] = torch.where(offline, torch.zeros_like(old), old)
-    batch["sampling_per_token_logps"] = torch.where(offline, torch.zeros_like(sampling), sampling)
-    batch["importance_sampling_ratio"] = torch.where(offline, torch.ones_like(ratio), ratio)
+    batch["old_per_token_logps"] = torch.where(demonstration, torch.zeros_like(old), old)
+    batch["sampling_per_token_logps"] = torch.where(demonstration, torch.zeros_like(sampling), sampling)
+    batch["importance_sampling_ratio"] = torch.where(demonstration, torch.ones_like(ratio), ratio)
     return batch
 
 
@@ -74,26 +76,26 @@ MODES = ["token_truncate", "sequence_truncate"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("feedback, offline_loss", CONFIGS)
+@pytest.mark.parametrize("feedback, demonstration_loss", CONFIGS)
 def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
-    tmp_path, char_tokenizer, feedback, offline_loss, mode
+    tmp_path, char_tokenizer, feedback, demonstration_loss, mode
 ):
-    trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
-    offline = hpt_rows(batch).offline
-    assert offline.any() and (~offline).any()
+    trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, demonstration_loss, mode)
+    demonstration = hpt_rows(batch).demonstration
+    assert demonstration.any() and (~demonstration).any()
     # A negative advantage on demonstrations (luffy: a legal mixed-group value; sft: ignored), so that the
     # off-policy mask would drop them if it reached them.
-    batch["advantages"] = torch.where(offline, torch.full_like(batch["advantages"], -0.5), batch["advantages"])
+    batch["advantages"] = torch.where(demonstration, torch.full_like(batch["advantages"], -0.5), batch["advantages"])
     reference = loss_and_grads(trainer, batch)
 
     poisoned = dict(batch)
-    rows = offline.unsqueeze(1)
+    rows = demonstration.unsqueeze(1)
     poisoned["importance_sampling_ratio"] = torch.where(rows, 0.0, batch["importance_sampling_ratio"])
     poisoned["sampling_per_token_logps"] = torch.where(rows, 50.0, batch["sampling_per_token_logps"])
     assert_same(loss_and_grads(trainer, poisoned), reference, atol=0, rtol=0)
 
     # The same changes on rollout rows do change the loss: they are live inputs there.
-    online = (~offline & (hpt_rows(batch).weights > 0)).unsqueeze(1)
+    online = (~demonstration & (hpt_rows(batch).weights > 0)).unsqueeze(1)
     changed = dict(batch)
     changed["importance_sampling_ratio"] = torch.where(
         online, 0.5 * batch["importance_sampling_ratio"], batch["importance_sampling_ratio"]
@@ -102,12 +104,12 @@ def test_demonstration_rows_ignore_sampling_logps_and_importance_ratio(
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("feedback, offline_loss", CONFIGS)
-def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, feedback, offline_loss, mode):
+@pytest.mark.parametrize("feedback, demonstration_loss", CONFIGS)
+def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, feedback, demonstration_loss, mode):
     """HPT's loss = GRPOTrainer's loss on the weighted rollout rows + the demonstration term, with vLLM's inputs on."""
-    trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, offline_loss, mode)
-    offline, weights = hpt_rows(batch).offline, hpt_rows(batch).weights
-    rollouts = ~offline & (weights > 0)
+    trainer, batch = vllm_trainer(tmp_path, char_tokenizer, feedback, demonstration_loss, mode)
+    demonstration, weights = hpt_rows(batch).demonstration, hpt_rows(batch).weights
+    rollouts = ~demonstration & (weights > 0)
     assert set(weights[rollouts].tolist()) == {1.0}
     # The off-policy mask and the ratio both act in this batch (else the comparison would not test them).
     advantages = batch["advantages"].unsqueeze(1)
@@ -124,7 +126,7 @@ def test_rollout_rows_get_grpo_trainers_correction(tmp_path, char_tokenizer, fee
     hpt = loss_and_grads(trainer, batch)
     # dapo divides by the generation batch's token count, so the rollout sub-batch keeps the full batch's normaliser.
     grpo = loss_and_grads(trainer, rows_of(batch, rollouts), compute_loss=GRPOTrainer._compute_loss)
-    demonstrations_only = replace_rows(batch, weights=torch.where(offline, weights, torch.zeros_like(weights)))
+    demonstrations_only = replace_rows(batch, weights=torch.where(demonstration, weights, torch.zeros_like(weights)))
     demo = loss_and_grads(trainer, demonstrations_only)
     assert demo[0] != 0
     combined = (grpo[0] + demo[0], [g + d for g, d in zip(grpo[1], demo[1])])
@@ -151,8 +153,8 @@ def test_swap_writes_neutral_vllm_fields_for_demonstrations(tmp_path, char_token
     }
     before = {k: v.clone() for k, v in output.items()}
     demo = [30, 31, 32, 33, char_tokenizer.eos_token_id]  # longer than the rollouts: the batch widens
-    offline = torch.tensor([False, False, False, True, False, False, False, False])
-    trainer._place_demonstrations(output, offline, [Demonstration(demo)] * num_rows)
+    demonstration = torch.tensor([False, False, False, True, False, False, False, False])
+    trainer._place_demonstrations(output, demonstration, [Demonstration(demo)] * num_rows)
 
     new_width = len(demo)
     assert output["completion_ids"].shape == (num_rows, new_width)
@@ -160,14 +162,14 @@ def test_swap_writes_neutral_vllm_fields_for_demonstrations(tmp_path, char_token
     for key, fill in (("old_per_token_logps", 0.0), ("sampling_per_token_logps", 0.0), ("ref_per_token_logps", 0.0)):
         assert output[key].shape == (num_rows, new_width), key
         assert (output[key][3] == fill).all(), key
-        torch.testing.assert_close(output[key][~offline, :width], before[key][~offline], msg=key)
+        torch.testing.assert_close(output[key][~demonstration, :width], before[key][~demonstration], msg=key)
     ratio_after = output["importance_sampling_ratio"]
     assert ratio_after.shape == ((num_rows, 1) if sequence_level else (num_rows, new_width))
     assert (ratio_after[3] == 1.0).all()
-    torch.testing.assert_close(ratio_after[~offline, : ratio.size(1)], ratio[~offline])
+    torch.testing.assert_close(ratio_after[~demonstration, : ratio.size(1)], ratio[~demonstration])
     if not sequence_level:
-        assert (ratio_after[~offline, width:] == 1.0).all()  # padding: neutral
-    assert output["completion_mask"][~offline, width:].eq(0).all()
+        assert (ratio_after[~demonstration, width:] == 1.0).all()  # padding: neutral
+    assert output["completion_mask"][~demonstration, width:].eq(0).all()
 
 
 def test_sequence_level_ratio_stays_per_sequence_when_rollouts_are_one_token_long(tmp_path, char_tokenizer):
@@ -182,8 +184,10 @@ def test_sequence_level_ratio_stays_per_sequence_when_rollouts_are_one_token_lon
         "importance_sampling_ratio": ratio.clone(),
         "advantages": torch.randn(num_rows),
     }
-    offline = torch.tensor([False, False, False, True])
-    trainer._place_demonstrations(output, offline, [Demonstration([30, 31, char_tokenizer.eos_token_id])] * num_rows)
+    demonstration = torch.tensor([False, False, False, True])
+    trainer._place_demonstrations(
+        output, demonstration, [Demonstration([30, 31, char_tokenizer.eos_token_id])] * num_rows
+    )
     assert output["completion_ids"].shape == (num_rows, 3)
     # Still one ratio per sequence: widening it would correct only each rollout's first token.
     assert output["importance_sampling_ratio"].shape == (num_rows, 1)

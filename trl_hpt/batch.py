@@ -49,16 +49,20 @@ FORWARD_KEYS = (
 class HPTRows(NamedTuple):
     """HPT's view of a batch: per row, whether it is a demonstration and its weight; the generation batch's counts."""
 
-    offline: torch.Tensor  # bool (B,): the row holds a demonstration
+    demonstration: torch.Tensor  # bool (B,): the row holds a demonstration
     weights: torch.Tensor  # (B,): alpha for a rollout, beta for a demonstration
     policy_rows: float  # rows of the policy term over the whole generation batch (every process)
     separate_tokens: float  # demonstration tokens of the separate token-mean term, likewise
 
 
-def attach_rows(batch: dict, offline: torch.Tensor, weights: torch.Tensor, policy_rows, separate_tokens) -> dict:
+def attach_rows(batch: dict, demonstration: torch.Tensor, weights: torch.Tensor, policy_rows, separate_tokens) -> dict:
     """Writes [`HPTRows`] into `batch[HPT_KEY]` (in place) and returns the batch."""
     counts = torch.tensor([float(policy_rows), float(separate_tokens)], device=weights.device)
-    columns = [offline.float().unsqueeze(1), weights.float().unsqueeze(1), counts.expand(offline.numel(), 2)]
+    columns = [
+        demonstration.float().unsqueeze(1),
+        weights.float().unsqueeze(1),
+        counts.expand(demonstration.numel(), 2),
+    ]
     batch[HPT_KEY] = torch.cat(columns, dim=1)
     return batch
 
@@ -72,7 +76,7 @@ def hpt_rows(batch: dict) -> HPTRows | None:
 
 
 def replace_rows(batch: dict, **changes) -> dict:
-    """A shallow copy of `batch` with some [`HPTRows`] fields replaced (`offline`, `weights`, counts)."""
+    """A shallow copy of `batch` with some [`HPTRows`] fields replaced (`demonstration`, `weights`, counts)."""
     rows = hpt_rows(batch)._replace(**changes)
     return attach_rows(dict(batch), *rows)
 
@@ -112,7 +116,7 @@ def pad_completions(output: dict, width: int, pad_token_id: int, per_sequence_ra
 
 def place_demonstrations(
     output: dict,
-    offline: torch.Tensor,
+    demonstration: torch.Tensor,
     demos: Sequence[Demonstration],
     pad_token_id: int,
     *,
@@ -120,11 +124,11 @@ def place_demonstrations(
     unit_advantage: bool = True,
 ) -> None:
     """
-    Writes each demonstration of an `offline` row into that row of `output` (in place): its completion tokens and
+    Writes each demonstration of an `demonstration` row into that row of `output` (in place): its completion tokens and
     mask, neutral per-token extras, its tool mask, and text-only token types. With `unit_advantage` its advantage
     becomes 1 (specs that do not read advantages: SFT's `A = 1`).
     """
-    rows = offline.nonzero(as_tuple=True)[0].tolist()
+    rows = demonstration.nonzero(as_tuple=True)[0].tolist()
     if not rows:
         return
     width = max([output["completion_ids"].size(1), *(len(demos[i].ids) for i in rows)])
@@ -148,7 +152,7 @@ def place_demonstrations(
             if prompt_width is not None and isinstance(output.get(key), torch.Tensor):
                 output[key][i, prompt_width:] = 0  # a demonstration is text
     if unit_advantage and "advantages" in output:
-        output["advantages"] = torch.where(offline, torch.ones_like(output["advantages"]), output["advantages"])
+        output["advantages"] = torch.where(demonstration, torch.ones_like(output["advantages"]), output["advantages"])
 
 
 def rows_to_keep(batch: dict, weights: torch.Tensor, *, aux_loss: bool = False) -> torch.Tensor | None:

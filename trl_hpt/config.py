@@ -1,15 +1,23 @@
 """Configuration of [`HPTTrainer`]."""
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from trl_hpt.estimator import AGGREGATIONS, OFFLINE_PRESETS, RL_AGGREGATIONS, get_preset
+from trl_hpt.estimator import AGGREGATIONS, DEMONSTRATION_PRESETS, RL_AGGREGATIONS, get_preset
 from trl_hpt.feedback import STRATEGIES
 
 
 FEEDBACK_STRATEGIES = tuple(STRATEGIES)
+# Former names of the demonstration fields: still accepted, with a FutureWarning, until trl-hpt 0.2.
+RENAMED_FIELDS = {
+    "sft_loss_coef": "demonstration_loss_coef",
+    "offline_loss": "demonstration_loss",
+    "offline_shaping_gamma": "demonstration_shaping_gamma",
+    "offline_aggregation": "demonstration_aggregation",
+}
 
 
 @dataclass
@@ -36,18 +44,18 @@ class HPTConfig(GRPOConfig):
             A rollout is correct when its verifier reward is at least this.
         verifier_reward_index (`int`, *optional*):
             Index of the reward function that acts as verifier. `None`: the weighted total reward.
-        sft_loss_coef (`float`, *optional*, defaults to `1.0`):
-            Coefficient of the demonstration (offline) term.
-        offline_loss (`str`, *optional*, defaults to `"sft"`):
-            Estimator preset for demonstration rows: `sft`, `luffy`, `srft` or `chord_phi`.
-        offline_shaping_gamma (`float`, *optional*, defaults to `0.1`):
-            `gamma` of LUFFY's shaping `p / (p + gamma)`.
-        offline_aggregation (`str`, *optional*):
+        demonstration_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Coefficient of the demonstration term. Formerly `sft_loss_coef`.
+        demonstration_loss (`str`, *optional*, defaults to `"sft"`):
+            Estimator preset for demonstration rows: `sft`, `luffy`, `srft` or `chord_phi`. Formerly `offline_loss`.
+        demonstration_shaping_gamma (`float`, *optional*, defaults to `0.1`):
+            `gamma` of LUFFY's shaping `p / (p + gamma)`. Formerly `offline_shaping_gamma`.
+        demonstration_aggregation (`str`, *optional*):
             How demonstration tokens are reduced: `"loss_type"` (together with the rollout tokens, by `loss_type`, so a
             demonstration token weighs what a rollout token with advantage 1 weighs) or `"token_mean"` (a separate mean
             over all demonstration tokens of the batch, added to the RL term). `None`: `"token_mean"` with
             `feedback="sft"` (no RL term: exactly cross-entropy training), `"loss_type"` otherwise, so that neither term
-            drowns the other whatever the `loss_type`.
+            drowns the other whatever the `loss_type`. Formerly `offline_aggregation`.
         rl_aggregation (`str`, *optional*):
             How the policy (RL) term is reduced. `None`: as `loss_type` says (GRPOTrainer's). `"max_length_sum"`: the
             per-token losses of the micro-batch summed and divided by `max_completion_length` only, with no division
@@ -96,24 +104,26 @@ class HPTConfig(GRPOConfig):
             "weighted total reward."
         },
     )
-    sft_loss_coef: float = field(
+    demonstration_loss_coef: float = field(
         default=1.0,
-        metadata={"help": "Coefficient of the demonstration (offline) loss term. The paper uses 1.0 (0.3 at 1.5B)."},
+        metadata={
+            "help": "Coefficient of the demonstration loss term (formerly sft_loss_coef). The paper uses 1.0 (0.3 at 1.5B)."
+        },
     )
-    offline_loss: str = field(
+    demonstration_loss: str = field(
         default="sft",
         metadata={
             "help": "Estimator preset for demonstration rows: 'sft' (cross-entropy), 'luffy' (p / (p + gamma) "
             "shaping, mixed-group advantage), 'srft' (-A * p, mixed-group advantage) or 'chord_phi' (p (1 - p) "
             "weighted cross-entropy).",
-            "choices": list(OFFLINE_PRESETS),
+            "choices": list(DEMONSTRATION_PRESETS),
         },
     )
-    offline_shaping_gamma: float = field(
+    demonstration_shaping_gamma: float = field(
         default=0.1,
-        metadata={"help": "gamma of LUFFY's likelihood shaping p / (p + gamma) for offline_loss='luffy'."},
+        metadata={"help": "gamma of LUFFY's likelihood shaping p / (p + gamma) for demonstration_loss='luffy'."},
     )
-    offline_aggregation: str | None = field(
+    demonstration_aggregation: str | None = field(
         default=None,
         metadata={
             "help": "How demonstration tokens are reduced. 'loss_type': together with the rollout tokens by "
@@ -162,30 +172,55 @@ class HPTConfig(GRPOConfig):
         },
     )
 
+    sft_loss_coef: float | None = field(
+        default=None, metadata={"help": "Deprecated, removed in 0.2: use demonstration_loss_coef."}
+    )
+    offline_loss: str | None = field(
+        default=None, metadata={"help": "Deprecated, removed in 0.2: use demonstration_loss."}
+    )
+    offline_shaping_gamma: float | None = field(
+        default=None, metadata={"help": "Deprecated, removed in 0.2: use demonstration_shaping_gamma."}
+    )
+    offline_aggregation: str | None = field(
+        default=None, metadata={"help": "Deprecated, removed in 0.2: use demonstration_aggregation."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_hpt_fields()
 
     def _validate_hpt_fields(self):
+        for old, new in RENAMED_FIELDS.items():
+            value = getattr(self, old, None)
+            if value is not None:
+                warnings.warn(
+                    f"HPTConfig.{old} is deprecated and will be removed in trl-hpt 0.2; use {new}={value!r}.",
+                    FutureWarning,
+                    stacklevel=3,
+                )
+                setattr(self, new, value)
+                setattr(self, old, None)
         if self.feedback not in FEEDBACK_STRATEGIES:
             raise ValueError(
                 f"HPTConfig.feedback={self.feedback!r} is not one of {FEEDBACK_STRATEGIES}; pass a callable as "
                 "HPTTrainer(feedback_fn=...) for a custom strategy."
             )
-        if self.offline_loss not in OFFLINE_PRESETS:
-            raise ValueError(f"HPTConfig.offline_loss={self.offline_loss!r} is not one of {OFFLINE_PRESETS}.")
-        if self.offline_aggregation is not None:
-            if self.offline_aggregation not in AGGREGATIONS:
+        if self.demonstration_loss not in DEMONSTRATION_PRESETS:
+            raise ValueError(
+                f"HPTConfig.demonstration_loss={self.demonstration_loss!r} is not one of {DEMONSTRATION_PRESETS}."
+            )
+        if self.demonstration_aggregation is not None:
+            if self.demonstration_aggregation not in AGGREGATIONS:
                 raise ValueError(
-                    f"HPTConfig.offline_aggregation={self.offline_aggregation!r} is not one of {AGGREGATIONS} or None."
+                    f"HPTConfig.demonstration_aggregation={self.demonstration_aggregation!r} is not one of {AGGREGATIONS} or None."
                 )
             try:
                 # The estimator owns the rule (a mixed-group advantage must be reduced with the rollouts).
-                get_preset(self.offline_loss).replace(aggregation=self.offline_aggregation)
+                get_preset(self.demonstration_loss).replace(aggregation=self.demonstration_aggregation)
             except ValueError as error:
                 raise ValueError(
-                    f"HPTConfig.offline_aggregation={self.offline_aggregation!r} does not apply to "
-                    f"offline_loss={self.offline_loss!r}: {error} Leave offline_aggregation=None."
+                    f"HPTConfig.demonstration_aggregation={self.demonstration_aggregation!r} does not apply to "
+                    f"demonstration_loss={self.demonstration_loss!r}: {error} Leave demonstration_aggregation=None."
                 ) from None
         if self.rl_aggregation is not None and self.rl_aggregation not in RL_AGGREGATIONS:
             raise ValueError(
@@ -206,10 +241,12 @@ class HPTConfig(GRPOConfig):
             raise ValueError(
                 f"HPTConfig.solved_advantage must be a finite number >= 0 (0 turns it off), got {self.solved_advantage}."
             )
-        if self.sft_loss_coef < 0:
-            raise ValueError(f"HPTConfig.sft_loss_coef must be >= 0, got {self.sft_loss_coef}.")
-        if not self.offline_shaping_gamma > 0:
-            raise ValueError(f"HPTConfig.offline_shaping_gamma must be > 0, got {self.offline_shaping_gamma}.")
+        if self.demonstration_loss_coef < 0:
+            raise ValueError(f"HPTConfig.demonstration_loss_coef must be >= 0, got {self.demonstration_loss_coef}.")
+        if not self.demonstration_shaping_gamma > 0:
+            raise ValueError(
+                f"HPTConfig.demonstration_shaping_gamma must be > 0, got {self.demonstration_shaping_gamma}."
+            )
         if self.verifier_reward_index is not None and self.verifier_reward_index < 0:
             raise ValueError(
                 f"HPTConfig.verifier_reward_index must be >= 0 or None, got {self.verifier_reward_index}."

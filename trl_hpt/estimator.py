@@ -47,7 +47,7 @@ class EstimatorSpec:
         reference (`str`, *optional*, defaults to `"rollout"`):
             The denominator `pi_ref`: `"current"` (stop-grad of `pi_theta`: SFT, REINFORCE), `"rollout"` (`pi_old`,
             the sampling policy: PPO, GRPO, CISPO), `"sequence"` (GSPO's length-normalised sequence ratio) or `"one"`
-            (the constant 1, for offline data without a behaviour policy: SRFT, LUFFY).
+            (the constant 1, for demonstration data without a behaviour policy: SRFT, LUFFY).
         stabilization (`str`, *optional*, defaults to `"clip"`):
             The mask `1_stable`: `"none"`, `"clip"` (PPO's two-sided clip of the ratio to `[1 - epsilon_low, 1 +
             epsilon_high]`, optionally capped at `delta`) or `"cispo"` (the ratio clipped at `epsilon_high` and
@@ -118,7 +118,7 @@ class EstimatorSpec:
                 raise ValueError(f"EstimatorSpec {self.name!r}: shaping_gamma must be > 0, got {self.shaping_gamma}.")
             if self.reference not in ("current", "one"):
                 raise ValueError(
-                    f"EstimatorSpec {self.name!r}: likelihood shaping applies to offline rows (reference='current' "
+                    f"EstimatorSpec {self.name!r}: likelihood shaping applies to demonstration rows (reference='current' "
                     f"or 'one'), not reference={self.reference!r}."
                 )
         # epsilon_low >= 1 is allowed: the lower bound 1 - epsilon_low <= 0 never binds a positive ratio (no clip).
@@ -196,7 +196,7 @@ class EstimatorSpec:
         )
 
 
-# The paper's table as data. HPTTrainer reads the offline presets (OFFLINE_PRESETS) and, through loss_type, grpo /
+# The paper's table as data. HPTTrainer reads the demonstration presets (DEMONSTRATION_PRESETS) and, through loss_type, grpo /
 # cispo / sapo / vespo; reinforce, ppo (equal to grpo without a critic), dr_grpo and gspo are for direct use.
 PRESETS: dict[str, EstimatorSpec] = {
     spec.name: spec
@@ -225,7 +225,7 @@ PRESETS: dict[str, EstimatorSpec] = {
         ),
     )
 }
-OFFLINE_PRESETS = ("sft", "luffy", "srft", "chord_phi")
+DEMONSTRATION_PRESETS = ("sft", "luffy", "srft", "chord_phi")
 
 
 def get_preset(name: str) -> EstimatorSpec:
@@ -236,7 +236,7 @@ def get_preset(name: str) -> EstimatorSpec:
         raise ValueError(f"Unknown estimator preset {name!r}. Available presets: {sorted(PRESETS)}.") from None
 
 
-def online_spec_from_grpo_config(args: Any) -> EstimatorSpec:
+def rollout_spec_from_grpo_config(args: Any) -> EstimatorSpec:
     """
     The estimator `GRPOTrainer` applies to rollouts for a given `GRPOConfig`.
 
@@ -252,20 +252,20 @@ def online_spec_from_grpo_config(args: Any) -> EstimatorSpec:
     return base.with_grpo_config(args).replace(advantage=advantage or "group")
 
 
-def offline_spec_from_hpt_config(args: Any, has_rl_term: bool = True) -> EstimatorSpec:
+def demonstration_spec_from_hpt_config(args: Any, has_rl_term: bool = True) -> EstimatorSpec:
     """
-    The estimator of demonstration rows for an `HPTConfig`: the `offline_loss` preset, with `offline_shaping_gamma`
-    where the preset shapes, reduced as `offline_aggregation` says.
+    The estimator of demonstration rows for an `HPTConfig`: the `demonstration_loss` preset, with `demonstration_shaping_gamma`
+    where the preset shapes, reduced as `demonstration_aggregation` says.
 
-    `offline_aggregation=None` keeps the preset's own reduction when no RL term sits beside it (`feedback="sft"`:
+    `demonstration_aggregation=None` keeps the preset's own reduction when no RL term sits beside it (`feedback="sft"`:
     exactly cross-entropy training) and otherwise reduces demonstration tokens with the rollouts (`"loss_type"`):
     beside an RL term a separate token mean makes a demonstration token weigh 25-190 times a rollout token's
     (`benchmarks/balance.py`), while reduced with the rollouts it weighs what a rollout token with `A = 1` does.
     """
-    spec = get_preset(args.offline_loss)
+    spec = get_preset(args.demonstration_loss)
     if spec.shaping_gamma is not None:
-        spec = spec.replace(shaping_gamma=args.offline_shaping_gamma)
-    aggregation = args.offline_aggregation
+        spec = spec.replace(shaping_gamma=args.demonstration_shaping_gamma)
+    aggregation = args.demonstration_aggregation
     if aggregation is None and has_rl_term:
         aggregation = "loss_type"
     return spec if aggregation is None else spec.replace(aggregation=aggregation)
@@ -555,15 +555,17 @@ class BatchCounts(NamedTuple):
     policy_rows: torch.Tensor  # rows of the policy term
 
 
-def batch_counts(mask: torch.Tensor, offline: torch.Tensor, offline_spec: EstimatorSpec, reduce=None) -> BatchCounts:
+def batch_counts(
+    mask: torch.Tensor, demonstration: torch.Tensor, demonstration_spec: EstimatorSpec, reduce=None
+) -> BatchCounts:
     """
     The token and row counts of the two terms of [`hybrid_loss`] for one process's rows, summed over processes by
     `reduce` (a sum across processes; `None` on one process). Rows of weight zero count: skipping them in the loss
     pass must not change what the others are divided by.
     """
     tokens = mask.sum(-1).float()
-    offline = offline.bool()
-    separate = offline if offline_spec.separate_term else torch.zeros_like(offline)
+    demonstration = demonstration.bool()
+    separate = demonstration if demonstration_spec.separate_term else torch.zeros_like(demonstration)
     counts = torch.stack([tokens[~separate].sum(), tokens[separate].sum(), (~separate).sum().float()])
     if reduce is not None:
         counts = reduce(counts)
@@ -577,14 +579,14 @@ class HybridBatch(NamedTuple):
     Args:
         per_token_logps (`torch.Tensor` of shape `(B, T)`): `log pi_theta` of the completion tokens, with gradient.
         mask (`torch.Tensor` of shape `(B, T)`): the tokens the loss counts.
-        offline (`torch.Tensor` of shape `(B,)`, bool): which rows hold a demonstration.
+        demonstration (`torch.Tensor` of shape `(B,)`, bool): which rows hold a demonstration.
         weights (`torch.Tensor` of shape `(B,)`): alpha for rollout rows, beta for demonstration rows.
         advantages (`torch.Tensor` of shape `(B,)` or `(B, 1)`): per-row advantages (ignored where a spec's advantage
             is `"one"`).
         old_per_token_logps (`torch.Tensor` of shape `(B, T)`, *optional*): `log pi_old`, read for rollout rows only.
         ratio (`torch.Tensor`, *optional*): the rollouts' [`importance_ratio`] when the caller formed it already
             (for a bias-corrected KL); rows that are not rollouts are never read.
-        online_token_scale, online_token_bias (`torch.Tensor`, *optional*): `(B, T)` or `(B, 1)` factors applied to
+        rollout_token_scale, rollout_token_bias (`torch.Tensor`, *optional*): `(B, T)` or `(B, 1)` factors applied to
             rollout rows only before aggregation: TRL's off-policy and entropy masks, vLLM importance ratio (scale)
             and KL (bias).
         policy_denominator, token_mean_denominator (`float`): what each term divides by (see
@@ -594,13 +596,13 @@ class HybridBatch(NamedTuple):
 
     per_token_logps: torch.Tensor
     mask: torch.Tensor
-    offline: torch.Tensor
+    demonstration: torch.Tensor
     weights: torch.Tensor
     advantages: torch.Tensor | None
     old_per_token_logps: torch.Tensor | None = None
     ratio: torch.Tensor | None = None
-    online_token_scale: torch.Tensor | None = None
-    online_token_bias: torch.Tensor | None = None
+    rollout_token_scale: torch.Tensor | None = None
+    rollout_token_bias: torch.Tensor | None = None
     policy_denominator: float = 1.0
     token_mean_denominator: float = 1.0
 
@@ -641,49 +643,49 @@ def mixed_per_token_loss(
 def hybrid_loss(
     batch: HybridBatch,
     *,
-    online_spec: EstimatorSpec,
-    offline_spec: EstimatorSpec,
+    rollout_spec: EstimatorSpec,
+    demonstration_spec: EstimatorSpec,
     loss_type: str,
-    offline_coef: float = 1.0,
+    demonstration_coef: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""
     HPT's loss for one micro-batch, in a single pass over rows that mix two specs.
 
-        L = [sum_online alpha_i l_i + sum_{offline, loss_type agg.} c beta_i l_i] / policy_denominator
-            + c * sum_{offline, token_mean agg.} beta_i l_i / token_mean_denominator
+        L = [sum_online alpha_i l_i + sum_{demonstration, loss_type agg.} c beta_i l_i] / policy_denominator
+            + c * sum_{demonstration, token_mean agg.} beta_i l_i / token_mean_denominator
 
-    where `l_i` is row `i`'s per-token loss summed as `loss_type` sums it and `c` is `offline_coef`
-    (`sft_loss_coef`).
+    where `l_i` is row `i`'s per-token loss summed as `loss_type` sums it and `c` is `demonstration_coef`
+    (`demonstration_loss_coef`).
 
     Args:
         batch ([`HybridBatch`]): the micro-batch.
-        online_spec, offline_spec ([`EstimatorSpec`]): the estimators of rollout rows and demonstration rows.
+        rollout_spec, demonstration_spec ([`EstimatorSpec`]): the estimators of rollout rows and demonstration rows.
         loss_type (`str`): TRL's aggregation for the policy term (or `"max_length_sum"`).
-        offline_coef (`float`): the demonstration rows' coefficient `c`.
+        demonstration_coef (`float`): the demonstration rows' coefficient `c`.
 
     Returns:
         `(loss, metrics)`: the loss, and detached tensors for logging: `policy_loss` and `token_mean_loss` (the two
         terms), and for clipping specs the boolean masks of [`clip_fractions`] as `clip/<name>` (shaped like the
         ratio; only rollout rows are meaningful), counted on the `delta`-capped ratio as `GRPOTrainer` counts them.
     """
-    offline = batch.offline.bool()
+    demonstration = batch.demonstration.bool()
     mask, old, advantages = batch.mask, batch.old_per_token_logps, batch.advantages
     per_token_logps = batch.per_token_logps
     ratio = batch.ratio
-    if ratio is None and online_spec.needs_old_logps:
+    if ratio is None and rollout_spec.needs_old_logps:
         reference = per_token_logps.detach() if old is None else old
-        ratio = importance_ratio(per_token_logps, reference, mask, online_spec.ratio_level)
+        ratio = importance_ratio(per_token_logps, reference, mask, rollout_spec.ratio_level)
     per_token = mixed_per_token_loss(
-        {0: online_spec, 1: offline_spec}, offline.long(), per_token_logps, old, advantages, mask, ratio
+        {0: rollout_spec, 1: demonstration_spec}, demonstration.long(), per_token_logps, old, advantages, mask, ratio
     )
-    online = (~offline).unsqueeze(1)
-    if batch.online_token_scale is not None:
-        per_token = torch.where(online, per_token * batch.online_token_scale, per_token)
-    if batch.online_token_bias is not None:
-        per_token = torch.where(online, per_token + batch.online_token_bias, per_token)
+    online = (~demonstration).unsqueeze(1)
+    if batch.rollout_token_scale is not None:
+        per_token = torch.where(online, per_token * batch.rollout_token_scale, per_token)
+    if batch.rollout_token_bias is not None:
+        per_token = torch.where(online, per_token + batch.rollout_token_bias, per_token)
 
-    row_weights = torch.where(offline, batch.weights * offline_coef, batch.weights).to(per_token.dtype)
-    separate = offline if offline_spec.separate_term else torch.zeros_like(offline)
+    row_weights = torch.where(demonstration, batch.weights * demonstration_coef, batch.weights).to(per_token.dtype)
+    separate = demonstration if demonstration_spec.separate_term else torch.zeros_like(demonstration)
     zero = per_token.new_zeros(())
     policy_rows = ~separate
     policy = zero
@@ -706,9 +708,9 @@ def hybrid_loss(
     metrics = {"policy_loss": policy.detach(), "token_mean_loss": token_mean.detach()}
     if ratio is not None and advantages is not None:
         counted = ratio.detach()
-        if online_spec.delta is not None:
-            counted = torch.clamp(counted, max=online_spec.delta)
-        for name, clipped in (clip_fractions(online_spec, counted, advantages) or {}).items():
+        if rollout_spec.delta is not None:
+            counted = torch.clamp(counted, max=rollout_spec.delta)
+        for name, clipped in (clip_fractions(rollout_spec, counted, advantages) or {}).items():
             metrics[f"clip/{name}"] = clipped
     return policy + token_mean, metrics
 

@@ -198,7 +198,7 @@ class GRPOLossMirror:
         if step.per_token_kl is not None:
             metrics["kl"].append(self._global_mean(step.per_token_kl, rl_mask, rl_rows))
         metrics["entropy"].append(self._global_mean(step.entropies, step.active, step.active.sum(-1) > 0))
-        if self.online_spec.clips:
+        if self.rollout_spec.clips:
             fractions = {name: step.clip[f"clip/{name}"].float() for name in ("low", "high", "region")}
             for name, values in fractions.items():
                 metrics[f"clip_ratio/{name}_mean"].append(self._global_mean(values, rl_mask, rl_rows))
@@ -213,7 +213,7 @@ class GRPOLossMirror:
                     per_seq = (values * per_seq_mask).sum(-1) / per_seq_mask.sum(-1).clamp(min=1.0)
                 local = getattr(per_seq[rows], extreme)() if bool(rows.any()) else per_seq.new_tensor(float("nan"))
                 metrics[f"clip_ratio/{name}_{extreme}"].append(reducer(gather(local.reshape(1))).item())
-        elif self.online_spec.stabilization == "cispo":
+        elif self.rollout_spec.stabilization == "cispo":
             metrics["cispo_clip_ratio"].append(self._global_mean(step.clip["clip/cispo"].float(), rl_mask, rl_rows))
         elif self.loss_type == "vespo":
             metrics["vespo/phi_seq_mean"].append(self._global_mean(step.phi, rl_mask, rl_rows))

@@ -35,10 +35,10 @@ from trl_hpt.demonstrations import (
 from trl_hpt.estimator import (
     HybridBatch,
     batch_counts,
+    demonstration_spec_from_hpt_config,
     hybrid_loss,
     micro_batch_denominators,
-    offline_spec_from_hpt_config,
-    online_spec_from_grpo_config,
+    rollout_spec_from_grpo_config,
 )
 from trl_hpt.feedback import (
     FeedbackFn,
@@ -83,7 +83,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
     learnt by imitation and a prompt that some rollout solves is learnt by exploration.
 
     The demonstration takes the last rollout slot of its group, and a single loss pass evaluates rollout rows with
-    the online estimator of the config's `loss_type` and demonstration rows with `offline_loss`
+    the online estimator of the config's `loss_type` and demonstration rows with `demonstration_loss`
     ([`~trl_hpt.estimator.hybrid_loss`]). Rows of weight zero are not run through the model. With `feedback="rl"`
     the batch is GRPOTrainer's own and its loss is `GRPOTrainer._compute_loss`.
 
@@ -145,8 +145,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         if feedback_fn is not None and not callable(feedback_fn):
             raise TypeError(f"feedback_fn must be a callable P -> (alpha, beta), got {type(feedback_fn).__name__}.")
         self.feedback_fn = feedback_fn
-        self.online_spec = online_spec_from_grpo_config(args)
-        self.offline_spec = offline_spec_from_hpt_config(
+        self.rollout_spec = rollout_spec_from_grpo_config(args)
+        self.demonstration_spec = demonstration_spec_from_hpt_config(
             args, has_rl_term=feedback_fn is not None or args.feedback != "sft"
         )
         self._uses_demonstrations = feedback_fn is not None or args.feedback != "rl"
@@ -192,11 +192,11 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
                 "HPTConfig.skip_grad_norm_above is not supported with DeepSpeed, whose engine owns the gradients and "
                 "the optimizer step; use FSDP or DDP, or leave it None."
             )
-        if self.offline_spec.mixes_group and self.environment_factories is not None:
+        if self.demonstration_spec.mixes_group and self.environment_factories is not None:
             raise ValueError(
-                f"HPTConfig.offline_loss={args.offline_loss!r} scores each demonstration with the reward functions, "
+                f"HPTConfig.demonstration_loss={args.demonstration_loss!r} scores each demonstration with the reward functions, "
                 "but with environments a reward reads the state of the environment a rollout ran in, which a "
-                "demonstration never had. Use offline_loss='sft' or 'chord_phi' with environments."
+                "demonstration never had. Use demonstration_loss='sft' or 'chord_phi' with environments."
             )
         # Per-step gate decisions (step, prompt, P, alpha, beta), kept on the main process for reports.
         self.gate_history: list[dict] = []
@@ -268,19 +268,23 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         has_demo, truncated = self._demonstration_flags(demos, accuracy, num_generations)
         strategy = self.feedback_fn if self.feedback_fn is not None else self.args.feedback
         decision = decide_gate(strategy, accuracy, has_demo, self.args.switch_gate)
-        offline_global = is_last_slot & decision.placed[group_of_row]
-        offline = offline_global[local]
-        weights = torch.where(offline, decision.beta[group_of_row[local]], decision.alpha[group_of_row[local]]).float()
+        demonstration_global = is_last_slot & decision.placed[group_of_row]
+        demonstration = demonstration_global[local]
+        weights = torch.where(
+            demonstration, decision.beta[group_of_row[local]], decision.alpha[group_of_row[local]]
+        ).float()
 
         # Place
-        self._place_demonstrations(output, offline, demos)
-        if self.offline_spec.mixes_group and bool(decision.placed.any()):
-            self._mixed_group_advantages(output, inputs, demos, offline_global, rewards_per_func, num_generations)
+        self._place_demonstrations(output, demonstration, demos)
+        if self.demonstration_spec.mixes_group and bool(decision.placed.any()):
+            self._mixed_group_advantages(
+                output, inputs, demos, demonstration_global, rewards_per_func, num_generations
+            )
         solved = accuracy == 1  # NaN (unknown) is not solved
         if self.args.solved_advantage > 0 and bool(solved.any()):
             # After any mixed-group recomputation, which would overwrite it. A rollout (never a demonstration) counts.
             correct = correct_rollouts(verifier, self.args.success_threshold)
-            bonus = (solved[group_of_row] & correct & ~offline_global)[local]
+            bonus = (solved[group_of_row] & correct & ~demonstration_global)[local]
             output["advantages"] = output["advantages"] + self.args.solved_advantage * bonus.to(output["advantages"])
 
         # Log
@@ -292,10 +296,13 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             return output  # feedback="rl": GRPOTrainer's batch, trained by GRPOTrainer's loss
         # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
         counts = batch_counts(
-            loss_mask(output), offline, self.offline_spec, lambda t: self.accelerator.reduce(t, reduction="sum")
+            loss_mask(output),
+            demonstration,
+            self.demonstration_spec,
+            lambda t: self.accelerator.reduce(t, reduction="sum"),
         )
         output["num_items_in_batch"] = counts.policy_tokens
-        return attach_rows(output, offline, weights, counts.policy_rows, counts.separate_tokens)
+        return attach_rows(output, demonstration, weights, counts.policy_rows, counts.separate_tokens)
 
     def _demonstration_flags(self, demos, accuracy, num_generations) -> tuple[torch.Tensor, torch.Tensor]:
         """Per prompt of the whole batch: whether it has a usable demonstration, and whether that was truncated."""
@@ -318,21 +325,21 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         if self.accelerator.is_main_process:
             self.gate_history.extend(gate_records(self.state.global_step, index, accuracy, decision))
 
-    def _place_demonstrations(self, output, offline, demos):
+    def _place_demonstrations(self, output, demonstration, demos):
         place_demonstrations(
             output,
-            offline,
+            demonstration,
             demos,
             self._tokenizer.pad_token_id,
             # A sequence-level vLLM ratio is (B, 1) at any width; with 1-token completions it would pass for per-token.
             per_sequence_ratio=getattr(self, "vllm_importance_sampling_mode", "token").startswith("sequence"),
-            unit_advantage=not self.offline_spec.reads_advantages,
+            unit_advantage=not self.demonstration_spec.reads_advantages,
         )
 
-    def _mixed_group_advantages(self, output, inputs, demos, offline_global, rewards_per_func, num_generations):
+    def _mixed_group_advantages(self, output, inputs, demos, demonstration_global, rewards_per_func, num_generations):
         """LUFFY/SRFT: each placed demonstration is scored and joins the advantage statistics in its rollout's place."""
-        demo_rewards = self._score_demonstrations(inputs, demos, offline_global)
-        mixed = torch.where(offline_global.unsqueeze(1), demo_rewards, rewards_per_func)
+        demo_rewards = self._score_demonstrations(inputs, demos, demonstration_global)
+        mixed = torch.where(demonstration_global.unsqueeze(1), demo_rewards, rewards_per_func)
         # As GRPOTrainer computes advantages (scale_rewards, multi_objective_aggregation), with the demonstrations
         # in the statistics; groups without one are unchanged where the statistics are per group.
         advantages = grpo_advantages(
@@ -342,7 +349,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         start = self.accelerator.process_index * num_local
         output["advantages"] = advantages[start : start + num_local].to(output["advantages"].dtype)
 
-    def _score_demonstrations(self, inputs, demos, offline_global) -> torch.Tensor:
+    def _score_demonstrations(self, inputs, demos, demonstration_global) -> torch.Tensor:
         """
         Rewards per function of every placed demonstration, `(global rows, functions)`, NaN elsewhere.
 
@@ -351,7 +358,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         same number of rows, padding with a repeat, so reward models run the same forwards on every rank.
         """
         num_local, num_processes = len(inputs), self.accelerator.num_processes
-        per_rank = offline_global.view(num_processes, num_local)
+        per_rank = demonstration_global.view(num_processes, num_local)
         width = int(per_rank.sum(1).max())
         rows = per_rank[self.accelerator.process_index].nonzero(as_tuple=True)[0].tolist()
         filler = rows[0] if rows else next((i for i, d in enumerate(demos) if d.present), 0)
@@ -376,7 +383,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         finally:
             self._scoring_demonstrations = False
             self._pending_extra_logs, self._pending_metrics = pending
-        result = torch.full((offline_global.numel(), gathered.size(1)), float("nan"), device=gathered.device)
+        result = torch.full((demonstration_global.numel(), gathered.size(1)), float("nan"), device=gathered.device)
         for rank in range(num_processes):
             owned = per_rank[rank].nonzero(as_tuple=True)[0]
             if owned.numel():
@@ -402,7 +409,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
 
         mask = loss_mask(inputs)
         trained = rows.weights > 0
-        rl_rows = ~rows.offline & trained
+        rl_rows = ~rows.demonstration & trained
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
@@ -424,22 +431,22 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         batch = HybridBatch(
             per_token_logps,
             mask,
-            rows.offline,
+            rows.demonstration,
             rows.weights,
             advantages,
             old_per_token_logps,
             ratio=terms.ratio,
-            online_token_scale=terms.scale,
-            online_token_bias=None if terms.per_token_kl is None else self.beta * terms.per_token_kl,
+            rollout_token_scale=terms.scale,
+            rollout_token_bias=None if terms.per_token_kl is None else self.beta * terms.per_token_kl,
             policy_denominator=policy_denominator,
             token_mean_denominator=token_mean_denominator,
         )
         loss, loss_metrics = hybrid_loss(
             batch,
-            online_spec=self.online_spec,
-            offline_spec=self.offline_spec,
+            rollout_spec=self.rollout_spec,
+            demonstration_spec=self.demonstration_spec,
             loss_type=self.policy_aggregation,
-            offline_coef=self.args.sft_loss_coef,
+            demonstration_coef=self.args.demonstration_loss_coef,
         )
         active = mask * trained.unsqueeze(1)
         effective = active if terms.entropy_mask is None else active * terms.entropy_mask
@@ -449,7 +456,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             mask=mask,
             active=active,
             rl_rows=rl_rows,
-            offline=rows.offline,
+            demonstration=rows.demonstration,
             entropies=entropies,
             clip={k: v for k, v in loss_metrics.items() if k.startswith("clip/")},
             per_token_kl=None if terms.per_token_kl is None else terms.per_token_kl.detach(),
@@ -461,7 +468,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
     def _denominators(self, inputs, accumulation, training) -> tuple[float, float]:
         """What the policy term and the separate demonstration term of this micro-batch divide by."""
         rows = hpt_rows(inputs)
-        local = batch_counts(loss_mask(inputs), rows.offline, self.offline_spec)  # bnpo: this micro-batch's tokens
+        local = batch_counts(
+            loss_mask(inputs), rows.demonstration, self.demonstration_spec
+        )  # bnpo: this micro-batch's tokens
         return micro_batch_denominators(
             self.policy_aggregation,
             policy_rows=rows.policy_rows,
@@ -504,11 +513,13 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         # averages the ranks, those without such rows included: the trained loss is the sum over ranks / processes.
         totals = reduce(terms, "sum") / self.accelerator.num_processes
         metrics["hpt/rl_loss"].append(totals[0].item())
-        if self.offline_spec.separate_term:
-            metrics["hpt/sft_loss"].append(totals[1].item())
+        if self.demonstration_spec.separate_term:
+            metrics["hpt/demonstration_loss"].append(totals[1].item())
         else:
-            offline_mask = step.mask * step.offline.unsqueeze(1)
-            metrics["hpt/sft_loss"].append(self._global_mean(-step.per_token_logps, offline_mask, step.offline))
+            demonstration_mask = step.mask * step.demonstration.unsqueeze(1)
+            metrics["hpt/demonstration_loss"].append(
+                self._global_mean(-step.per_token_logps, demonstration_mask, step.demonstration)
+            )
 
 
 class _LossStep(NamedTuple):
@@ -518,7 +529,7 @@ class _LossStep(NamedTuple):
     mask: torch.Tensor
     active: torch.Tensor
     rl_rows: torch.Tensor
-    offline: torch.Tensor
+    demonstration: torch.Tensor
     entropies: torch.Tensor
     clip: dict[str, torch.Tensor]  # the estimator's clip/<name> masks
     per_token_kl: torch.Tensor | None
