@@ -74,6 +74,7 @@ REAL_MODEL_METHODS = {
     "hpt_paper": "HPT, paper recipe scaled down",
     "hpt_solved": "HPT + `solved_advantage=1`",
     "hpt_chord": 'HPT + CHORD-phi demonstrations (`demonstration_loss="chord_phi"`)',
+    "hpt_coef025": "HPT, `demonstration_loss_coef=0.25`",
 }
 
 # The metrics of the learning benchmark's paired differences (its final metrics hold more).
