@@ -107,7 +107,8 @@ class HPTConfig(GRPOConfig):
     demonstration_loss_coef: float = field(
         default=1.0,
         metadata={
-            "help": "Coefficient of the demonstration loss term (formerly sft_loss_coef). The paper uses 1.0 (0.3 at 1.5B)."
+            "help": "Coefficient of the demonstration loss term (formerly sft_loss_coef). The paper uses 1.0 (0.3 "
+            "at 1.5B)."
         },
     )
     demonstration_loss: str = field(
@@ -212,7 +213,8 @@ class HPTConfig(GRPOConfig):
         if self.demonstration_aggregation is not None:
             if self.demonstration_aggregation not in AGGREGATIONS:
                 raise ValueError(
-                    f"HPTConfig.demonstration_aggregation={self.demonstration_aggregation!r} is not one of {AGGREGATIONS} or None."
+                    f"HPTConfig.demonstration_aggregation={self.demonstration_aggregation!r} is not one of "
+                    f"{AGGREGATIONS} or None."
                 )
             try:
                 # The estimator owns the rule (a mixed-group advantage must be reduced with the rollouts).

@@ -118,8 +118,8 @@ class EstimatorSpec:
                 raise ValueError(f"EstimatorSpec {self.name!r}: shaping_gamma must be > 0, got {self.shaping_gamma}.")
             if self.reference not in ("current", "one"):
                 raise ValueError(
-                    f"EstimatorSpec {self.name!r}: likelihood shaping applies to demonstration rows (reference='current' "
-                    f"or 'one'), not reference={self.reference!r}."
+                    f"EstimatorSpec {self.name!r}: likelihood shaping applies to demonstration rows "
+                    f"(reference='current' or 'one'), not reference={self.reference!r}."
                 )
         # epsilon_low >= 1 is allowed: the lower bound 1 - epsilon_low <= 0 never binds a positive ratio (no clip).
         if self.stabilization == "clip" and not (self.epsilon_low >= 0 and self.epsilon_high >= 0):
@@ -196,8 +196,9 @@ class EstimatorSpec:
         )
 
 
-# The paper's table as data. HPTTrainer reads the demonstration presets (DEMONSTRATION_PRESETS) and, through loss_type, grpo /
-# cispo / sapo / vespo; reinforce, ppo (equal to grpo without a critic), dr_grpo and gspo are for direct use.
+# The paper's table as data. HPTTrainer reads the demonstration presets (DEMONSTRATION_PRESETS) and, through
+# loss_type, grpo / cispo / sapo / vespo; reinforce, ppo (equal to grpo without a critic), dr_grpo and gspo are for
+# direct use.
 PRESETS: dict[str, EstimatorSpec] = {
     spec.name: spec
     for spec in (
@@ -254,8 +255,8 @@ def rollout_spec_from_grpo_config(args: Any) -> EstimatorSpec:
 
 def demonstration_spec_from_hpt_config(args: Any, has_rl_term: bool = True) -> EstimatorSpec:
     """
-    The estimator of demonstration rows for an `HPTConfig`: the `demonstration_loss` preset, with `demonstration_shaping_gamma`
-    where the preset shapes, reduced as `demonstration_aggregation` says.
+    The estimator of demonstration rows for an `HPTConfig`: the `demonstration_loss` preset, with
+    `demonstration_shaping_gamma` where the preset shapes, reduced as `demonstration_aggregation` says.
 
     `demonstration_aggregation=None` keeps the preset's own reduction when no RL term sits beside it (`feedback="sft"`:
     exactly cross-entropy training) and otherwise reduces demonstration tokens with the rollouts (`"loss_type"`):

@@ -194,9 +194,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             )
         if self.demonstration_spec.mixes_group and self.environment_factories is not None:
             raise ValueError(
-                f"HPTConfig.demonstration_loss={args.demonstration_loss!r} scores each demonstration with the reward functions, "
-                "but with environments a reward reads the state of the environment a rollout ran in, which a "
-                "demonstration never had. Use demonstration_loss='sft' or 'chord_phi' with environments."
+                f"HPTConfig.demonstration_loss={args.demonstration_loss!r} scores each demonstration with the reward "
+                "functions, but with environments a reward reads the state of the environment a rollout ran in, "
+                "which a demonstration never had. Use demonstration_loss='sft' or 'chord_phi' with environments."
             )
         # Per-step gate decisions (step, prompt, P, alpha, beta), kept on the main process for reports.
         self.gate_history: list[dict] = []
