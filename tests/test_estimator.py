@@ -189,7 +189,7 @@ def test_get_preset_lists_names():
     assert {"sft", "reinforce", "grpo", "cispo", "gspo", "srft", "luffy", "chord_phi"} <= set(PRESETS)
 
 
-def test_online_spec_from_grpo_config():
+def test_rollout_spec_from_grpo_config():
     from trl import GRPOConfig
 
     args = GRPOConfig(
