@@ -51,13 +51,16 @@ class HPTRows(NamedTuple):
 
     demonstration: torch.Tensor  # bool (B,): the row holds a demonstration
     weights: torch.Tensor  # (B,): alpha for a rollout, beta for a demonstration
-    policy_rows: float  # rows of the policy term over the whole generation batch (every process)
-    separate_tokens: float  # demonstration tokens of the separate token-mean term, likewise
+    # 0-d tensors, read on the device without a host sync; the loss turns them into its denominators once.
+    policy_rows: torch.Tensor  # rows of the policy term over the whole generation batch (every process)
+    separate_tokens: torch.Tensor  # demonstration tokens of the separate token-mean term, likewise
 
 
 def attach_rows(batch: dict, demonstration: torch.Tensor, weights: torch.Tensor, policy_rows, separate_tokens) -> dict:
     """Writes [`HPTRows`] into `batch[HPT_KEY]` (in place) and returns the batch."""
-    counts = torch.tensor([float(policy_rows), float(separate_tokens)], device=weights.device)
+    counts = torch.stack(
+        [torch.as_tensor(c, dtype=torch.float32, device=weights.device) for c in (policy_rows, separate_tokens)]
+    )
     columns = [
         demonstration.float().unsqueeze(1),
         weights.float().unsqueeze(1),
@@ -72,7 +75,7 @@ def hpt_rows(batch: dict) -> HPTRows | None:
     packed = batch.get(HPT_KEY)
     if packed is None:
         return None
-    return HPTRows(packed[:, 0] > 0, packed[:, 1], float(packed[0, 2]), float(packed[0, 3]))
+    return HPTRows(packed[:, 0] > 0, packed[:, 1], packed[0, 2], packed[0, 3])
 
 
 def replace_rows(batch: dict, **changes) -> dict:

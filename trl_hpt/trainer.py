@@ -468,13 +468,12 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
     def _denominators(self, inputs, accumulation, training) -> tuple[float, float]:
         """What the policy term and the separate demonstration term of this micro-batch divide by."""
         rows = hpt_rows(inputs)
-        local = batch_counts(
-            loss_mask(inputs), rows.demonstration, self.demonstration_spec
-        )  # bnpo: this micro-batch's tokens
+        # bnpo divides by this micro-batch's own tokens.
+        local = batch_counts(loss_mask(inputs), rows.demonstration, self.demonstration_spec)
         return micro_batch_denominators(
             self.policy_aggregation,
-            policy_rows=rows.policy_rows,
-            separate_tokens=rows.separate_tokens,
+            policy_rows=float(rows.policy_rows),
+            separate_tokens=float(rows.separate_tokens),
             local_policy_tokens=float(local.policy_tokens),
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs.get("num_items_in_batch"),
