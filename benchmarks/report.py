@@ -653,8 +653,8 @@ def plot_learning(report: dict, path: Path) -> None:
         curves = [s["methods"][method]["curve"] for s in seeds]
         steps = [p[0] for p in curves[0]]
         values = [[p[1] for p in c] for c in curves]
-        mean = [statistics.fmean(v) * 100 for v in zip(*values)]
-        std = [(statistics.stdev(v) if len(v) > 1 else 0.0) * 100 for v in zip(*values)]
+        stats = [mean_std(v) for v in zip(*values)]
+        mean, std = [m * 100 for m, _ in stats], [d * 100 for _, d in stats]
         (line,) = right.plot(steps, mean, marker="o", markersize=3, label=method)
         right.fill_between(
             steps,
