@@ -24,12 +24,19 @@ the completion tokens each method actually generated):
   tokens reduced with the rollout tokens, HPTConfig's default with any feedback but `sft`); `hpt_solved`: `hpt_lt`
   with `solved_advantage=1` (the correct rollouts of prompts solved every time train as SFT on the model's own answers,
   so what the warm start solves is not forgotten); `hpt_chord`: `hpt_lt` with CHORD-phi demonstrations
-  (`demonstration_loss="chord_phi"`, each demonstration token weighted by `p (1 - p)`; only run when asked for).
+  (`demonstration_loss="chord_phi"`, each demonstration token weighted by `p (1 - p)`; only run when asked for);
+  `hpt_kl`: `hpt_lt` with a KL penalty to the warm start on the rollouts that train (`beta=kl_beta`), which keeps
+  pulling solved prompts back where the warm start had them although their all-correct groups have advantage 0
+  (only run when asked for).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
 `scale_rewards="none"`, no KL, one update per generation batch, `demonstration_loss_coef=1.0`), AdamW with one constant learning
 rate for all (see `LearningSettings.learning_rate`), and a second learning rate for SFT, GRPO and HPT to show how much
 the ranking depends on it.
+
+**Validation.** With `validation > 0`, that many problems are set aside from the post-training prompts (the held-out
+problems stay the same) and every run is also evaluated on them: settings are chosen on these numbers, then the final
+comparison runs with `validation=0`, training on every post-training prompt.
 
 **Metrics** on the held-out problems: greedy accuracy (all, with-carry, no-carry), and pass@k for k = 1, 4 from `n`
 sampled completions per problem at the training temperature (unbiased estimator `1 - C(n-c, k) / C(n, k)`), mean and
@@ -74,6 +81,7 @@ from benchmarks.report import (  # noqa: E402
     brief_learning,
     learning_aggregate,
     learning_paired,
+    learning_validation_aggregate,
     machine_line,
     render,
 )
@@ -99,9 +107,11 @@ HPT_FIELDS = {
         "demonstration_loss": "chord_phi",
         "demonstration_aggregation": "loss_type",
     },
+    # beta: LearningSettings.kl_beta (see method_fields).
+    "hpt_kl": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
 }
-# Measured once as a remedy (docs/benchmarks.md) and left out of the default run.
-NOT_DEFAULT = ("hpt_chord",)
+# Measured once as remedies (docs/benchmarks.md) and left out of the default run.
+NOT_DEFAULT = ("hpt_chord", "hpt_kl")
 
 
 @dataclass
@@ -112,6 +122,8 @@ class LearningSettings:
     # Task
     max_operand: int = 50
     held_out: int = 128
+    # Problems set aside from the post-training prompts to choose settings on (0: none, every prompt trains).
+    validation: int = 0
     # Model and warm start
     hidden_size: int = 64
     num_layers: int = 2
@@ -136,6 +148,8 @@ class LearningSettings:
     learning_rate: float = 3e-4
     temperature: float = 1.0
     demonstration_loss_coef: float = 1.0
+    # KL coefficient of the `hpt_kl` method (every other method trains without KL).
+    kl_beta: float = 0.1
     # Evaluation
     eval_every: int = 25
     eval_samples: int = 8
@@ -176,12 +190,22 @@ def has_carry(a: int, b: int) -> bool:
     return a % 10 + b % 10 >= 10
 
 
-def task_split(max_operand: int, held_out: int, seed: int = 0) -> dict[str, list[tuple[int, int]]]:
-    """Held-out problems, post-training problems, and the no-carry part of the latter (the warm-start set)."""
+def task_split(
+    max_operand: int, held_out: int, seed: int = 0, validation: int = 0
+) -> dict[str, list[tuple[int, int]]]:
+    """
+    Held-out problems, validation problems (the next `validation` of the same shuffle, so the held-out problems do
+    not depend on it), post-training problems, and the no-carry part of the latter (the warm-start set).
+    """
     pairs = [(a, b) for a in range(max_operand) for b in range(max_operand)]
     random.Random(seed).shuffle(pairs)
-    held, train = pairs[:held_out], pairs[held_out:]
-    return {"held_out": held, "train": train, "warm_start": [p for p in train if not has_carry(*p)]}
+    held, valid, train = pairs[:held_out], pairs[held_out : held_out + validation], pairs[held_out + validation :]
+    return {
+        "held_out": held,
+        "validation": valid,
+        "train": train,
+        "warm_start": [p for p in train if not has_carry(*p)],
+    }
 
 
 def warm_start_problems(split: dict, settings: LearningSettings) -> list[tuple[int, int]]:
@@ -373,13 +397,27 @@ def _grpo_values(settings: LearningSettings, output_dir: str, steps: int, seed: 
     )
 
 
+def method_fields(method: str, settings: LearningSettings) -> dict:
+    """The HPTConfig fields of an HPTTrainer method, with the settings that parametrise it."""
+    fields = dict(HPT_FIELDS[method])
+    if method == "hpt_kl":
+        fields["beta"] = settings.kl_beta
+    return fields
+
+
 def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo=False, **hpt_fields):
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_hpt import HPTConfig, HPTTrainer
 
+    name_or_path = model.config._name_or_path
     with tempfile.TemporaryDirectory() as tmp:
-        values = _grpo_values(settings, tmp, steps, seed)
+        values = {**_grpo_values(settings, tmp, steps, seed), **hpt_fields}
+        if values["beta"] != 0.0:
+            # GRPOTrainer loads its reference model from the path in the model's config: the starting weights.
+            start = Path(tmp) / "reference"
+            model.save_pretrained(start)
+            model.config._name_or_path = str(start)
         if trl_grpo:
             trainer = GRPOTrainer(
                 model=model,
@@ -393,12 +431,15 @@ def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo
             trainer = HPTTrainer(
                 model=model,
                 reward_funcs=task_reward(settings),
-                args=HPTConfig(demonstration_loss_coef=settings.demonstration_loss_coef, **hpt_fields, **values),
+                args=HPTConfig(demonstration_loss_coef=settings.demonstration_loss_coef, **values),
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 callbacks=[history.callback],
             )
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            model.config._name_or_path = name_or_path
     return trainer
 
 
@@ -427,7 +468,7 @@ def run_method(method: str, model, tokenizer, dataset, held_out, settings: Learn
     steps = settings.steps
     history = _History(tokenizer, held_out, settings)
     if method in HPT_FIELDS:
-        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, **HPT_FIELDS[method])
+        _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, **method_fields(method, settings))
     elif method == "sft_trl":
         _run_sft_trl(model, tokenizer, dataset, settings, seed, steps, history)
     elif method == "grpo_trl":
@@ -545,9 +586,9 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
     from trl_hpt.testing import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(chat_template=False)
-    split = task_split(settings.max_operand, settings.held_out)
+    split = task_split(settings.max_operand, settings.held_out, validation=settings.validation)
     dataset = Dataset.from_list(task_rows(split["train"], settings.max_operand, settings.demonstration_style))
-    held_out = split["held_out"]
+    held_out, validation = split["held_out"], split["validation"]
     results = {"split": {k: len(v) for k, v in split.items()}, "seeds": {}}
     results["split"]["held_out_with_carry"] = sum(has_carry(*p) for p in held_out)
     sensitivity = None
@@ -559,6 +600,8 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
         warm_start(model, tokenizer, warm_start_problems(split, settings), settings, seed)
         state = copy.deepcopy(model.state_dict())
         per_seed = {"warm_start": evaluate(model, tokenizer, held_out, settings, seed=1000 + seed)}
+        if validation:
+            per_seed["warm_start_validation"] = evaluate(model, tokenizer, validation, settings, seed=2000 + seed)
         per_seed["warm_start_seconds"] = time.time() - start
         print(
             f"[learning] seed {seed} warm start ({per_seed['warm_start_seconds']:.0f}s): "
@@ -575,12 +618,15 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
             model.load_state_dict(state)
             record = run_method(method, model, tokenizer, dataset, held_out, method_settings, seed)
             record["final"] = evaluate(model, tokenizer, held_out, method_settings, seed=1000 + seed)
+            if validation:
+                record["validation"] = evaluate(model, tokenizer, validation, method_settings, seed=2000 + seed)
             record["curve"] = [(0, per_seed["warm_start"]["greedy"]), *record["curve"]]
             record["seconds"] = time.time() - start
             per_seed.setdefault(group, {})[method] = record
             label = method if group == "methods" else f"{method}@lr={method_settings.learning_rate:g}"
             print(
-                f"[learning] seed {seed} {label:9s} ({record['seconds']:.0f}s): {brief_learning(record['final'])}",
+                f"[learning] seed {seed} {label:9s} ({record['seconds']:.0f}s): {brief_learning(record['final'])}"
+                + (f"; validation {brief_learning(record['validation'])}" if validation else ""),
                 flush=True,
             )
         results["seeds"][seed] = per_seed
@@ -623,6 +669,8 @@ def main(argv=None) -> dict:
     print(f"[learning] {machine_line(report['machine'])}", flush=True)
     report["results"] = run(settings, args.methods)
     report["aggregate"] = learning_aggregate(report["results"], args.methods)
+    if settings.validation:
+        report["aggregate_validation"] = learning_validation_aggregate(report["results"], args.methods)
     if settings.sensitivity_lr is not None:
         report["aggregate_sensitivity"] = learning_aggregate(
             report["results"], list(settings.sensitivity_methods), "sensitivity"

@@ -63,6 +63,7 @@ LEARNING_METHODS = {
     "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`demonstration_aggregation="loss_type"`, the default)',
     "hpt_solved": 'HPT, `demonstration_aggregation="loss_type"`, `solved_advantage=1`',
     "hpt_chord": 'HPT, `demonstration_loss="chord_phi"`, `demonstration_aggregation="loss_type"`',
+    "hpt_kl": 'HPT, `demonstration_aggregation="loss_type"`, KL to the start (`beta=kl_beta`)',
 }
 
 REAL_MODEL_METHODS = {
@@ -278,6 +279,16 @@ def learning_aggregate(results: dict, methods: Sequence[str], group: str = "meth
     metrics = list(seeds[0]["warm_start"].keys())
     out = {"warm_start": {k: mean_std(s["warm_start"][k] for s in seeds) for k in metrics}}
     out.update(aggregate([s[group] for s in seeds], methods, metrics, _learning_extras))
+    return out
+
+
+def learning_validation_aggregate(results: dict, methods: Sequence[str]) -> dict:
+    """Mean and std over seeds of every metric on the validation problems, per method and for the warm start."""
+    seeds = list(results["seeds"].values())
+    metrics = list(seeds[0]["warm_start_validation"].keys())
+    out = {"warm_start": {k: mean_std(s["warm_start_validation"][k] for s in seeds) for k in metrics}}
+    for method in methods:
+        out[method] = {k: mean_std(s["methods"][method]["validation"][k] for s in seeds) for k in metrics}
     return out
 
 
@@ -544,8 +555,9 @@ def render_learning(report: dict) -> str:
         + f". Every method: {settings['steps']} optimizer steps from the warm start, "
         f"{settings['prompts_per_step']} prompts per step, {settings['num_generations']} rollouts per prompt "
         f"(up to {settings['max_completion_length']} tokens, temperature {settings['temperature']}), AdamW lr "
-        f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, no KL, '
-        f"`demonstration_loss_coef={settings.get('demonstration_loss_coef', settings.get('sft_loss_coef'))}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
+        f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, '
+        + (f"no KL but for `hpt_kl` (beta {settings['kl_beta']}), " if "hpt_kl" in methods else "no KL, ")
+        + f"`demonstration_loss_coef={settings.get('demonstration_loss_coef', settings.get('sft_loss_coef'))}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
         f"from {settings['eval_samples']} samples per problem at temperature {settings['temperature']}.",
         "",
     ]
@@ -557,6 +569,20 @@ def render_learning(report: dict) -> str:
         "(mean over seeds; TRL's SFTTrainer samples none). SFT share: HPT's `hpt/sft_fraction`, the share of prompts "
         "sent to SFT, averaged over the first and the last 10% of the steps.",
     ]
+    if "aggregate_validation" in report:
+        validation = report["aggregate_validation"]
+        rows = [
+            [LEARNING_METHODS.get(m, "warm start (before post-training)")]
+            + [f"{100 * validation[m][k][0]:.1f} +- {100 * validation[m][k][1]:.1f}" for k in LEARNING_PAIRED_METRICS]
+            for m in ["warm_start", *methods]
+        ]
+        lines += [
+            "",
+            f"On the {split['validation']} validation problems (set aside from the post-training prompts; settings are "
+            "chosen on these):",
+            "",
+            markdown_table(["method", "greedy", "greedy, carry", "greedy, no carry", "pass@4"], rows),
+        ]
     if "aggregate_sensitivity" in report:
         sensitivity = report["aggregate_sensitivity"]
         lines += [
