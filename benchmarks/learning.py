@@ -27,7 +27,8 @@ the completion tokens each method actually generated):
   (`demonstration_loss="chord_phi"`, each demonstration token weighted by `p (1 - p)`; only run when asked for);
   `hpt_kl`: `hpt_lt` with a KL penalty to the warm start on the rollouts that train (`beta=kl_beta`), which keeps
   pulling solved prompts back where the warm start had them although their all-correct groups have advantage 0
-  (only run when asked for).
+  (only run when asked for); `hpt_custom`: `hpt_lt` with the HPTConfig fields of `custom_fields` (for sweeps on the
+  validation split, `--set custom_fields=solved_advantage=1,demonstration_loss_coef=0.25`).
 
 **Hyper-parameters**: the paper's HPT recipe at toy scale for every method (`loss_type="dr_grpo"`,
 `scale_rewards="none"`, no KL, one update per generation batch, `demonstration_loss_coef=1.0`), AdamW with one constant learning
@@ -52,6 +53,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 import os
@@ -107,11 +109,12 @@ HPT_FIELDS = {
         "demonstration_loss": "chord_phi",
         "demonstration_aggregation": "loss_type",
     },
-    # beta: LearningSettings.kl_beta (see method_fields).
+    # beta: LearningSettings.kl_beta; hpt_custom: LearningSettings.custom_fields (see method_fields).
     "hpt_kl": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
+    "hpt_custom": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
 }
 # Measured once as remedies (docs/benchmarks.md) and left out of the default run.
-NOT_DEFAULT = ("hpt_chord", "hpt_kl")
+NOT_DEFAULT = ("hpt_chord", "hpt_kl", "hpt_custom")
 
 
 @dataclass
@@ -148,8 +151,12 @@ class LearningSettings:
     learning_rate: float = 3e-4
     temperature: float = 1.0
     demonstration_loss_coef: float = 1.0
+    # Share of the steps `sft_grpo` spends on SFT before GRPO.
+    sft_grpo_sft_fraction: float = 0.5
     # KL coefficient of the `hpt_kl` method (every other method trains without KL).
     kl_beta: float = 0.1
+    # HPTConfig fields of the `hpt_custom` method, as `field=value` strings (values read as Python literals).
+    custom_fields: tuple[str, ...] = ()
     # Evaluation
     eval_every: int = 25
     eval_samples: int = 8
@@ -402,6 +409,22 @@ def method_fields(method: str, settings: LearningSettings) -> dict:
     fields = dict(HPT_FIELDS[method])
     if method == "hpt_kl":
         fields["beta"] = settings.kl_beta
+    if method == "hpt_custom":
+        fields.update(custom_fields(settings.custom_fields))
+    return fields
+
+
+def custom_fields(items) -> dict:
+    """`field=value` strings as HPTConfig fields; a value that is not a Python literal stays a string."""
+    fields = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"custom_fields entries are field=value, got {item!r}")
+        try:
+            fields[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[name] = value
     return fields
 
 
@@ -431,7 +454,7 @@ def _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo
             trainer = HPTTrainer(
                 model=model,
                 reward_funcs=task_reward(settings),
-                args=HPTConfig(demonstration_loss_coef=settings.demonstration_loss_coef, **values),
+                args=HPTConfig(**{"demonstration_loss_coef": settings.demonstration_loss_coef, **values}),
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 callbacks=[history.callback],
@@ -474,7 +497,7 @@ def run_method(method: str, model, tokenizer, dataset, held_out, settings: Learn
     elif method == "grpo_trl":
         _run_hpt(model, tokenizer, dataset, settings, seed, steps, history, trl_grpo=True)
     elif method == "sft_grpo":
-        first = steps // 2
+        first = round(steps * settings.sft_grpo_sft_fraction)
         _run_hpt(model, tokenizer, dataset, settings, seed, first, history, **HPT_FIELDS["sft"])
         second = _History(tokenizer, held_out, settings, step_offset=first)
         # Another data seed for the RL half, so it does not replay the SFT half's prompts in the same order.

@@ -64,6 +64,7 @@ LEARNING_METHODS = {
     "hpt_solved": 'HPT, `demonstration_aggregation="loss_type"`, `solved_advantage=1`',
     "hpt_chord": 'HPT, `demonstration_loss="chord_phi"`, `demonstration_aggregation="loss_type"`',
     "hpt_kl": 'HPT, `demonstration_aggregation="loss_type"`, KL to the start (`beta=kl_beta`)',
+    "hpt_custom": "HPT with `custom_fields`",
 }
 
 REAL_MODEL_METHODS = {
@@ -557,6 +558,12 @@ def render_learning(report: dict) -> str:
         f"(up to {settings['max_completion_length']} tokens, temperature {settings['temperature']}), AdamW lr "
         f'{settings["learning_rate"]} constant, `loss_type="dr_grpo"`, `scale_rewards="none"`, '
         + (f"no KL but for `hpt_kl` (beta {settings['kl_beta']}), " if "hpt_kl" in methods else "no KL, ")
+        + (f"`custom_fields` {', '.join(settings['custom_fields'])}, " if "hpt_custom" in methods else "")
+        + (
+            f"SFT -> GRPO with {settings['sft_grpo_sft_fraction']:g} of the steps on SFT (not half), "
+            if "sft_grpo" in methods and settings.get("sft_grpo_sft_fraction", 0.5) != 0.5
+            else ""
+        )
         + f"`demonstration_loss_coef={settings.get('demonstration_loss_coef', settings.get('sft_loss_coef'))}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
         f"from {settings['eval_samples']} samples per problem at temperature {settings['temperature']}.",
         "",
