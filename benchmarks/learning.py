@@ -668,7 +668,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where learning.{json,md,png} are written")
     parser.add_argument("--json", help="JSON path (default: OUT_DIR/learning.json)")
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override any LearningSettings field"
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any LearningSettings field (repeatable)",
     )
     args = parser.parse_args(argv)
 

@@ -617,7 +617,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", help="a model directory (default: SmolLM2-135M-Instruct converted from its GGUF)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where real_model.{json,md} are written")
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override any RealModelSettings field"
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any RealModelSettings field (repeatable)",
     )
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
