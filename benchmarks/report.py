@@ -56,13 +56,14 @@ LEARNING_METHODS = {
     "sft_trl": "SFT (TRL `SFTTrainer`)",
     "grpo": 'GRPO (`feedback="rl"`)',
     "grpo_trl": "GRPO (TRL `GRPOTrainer`)",
-    "sft_grpo": "SFT -> GRPO (half each)",
+    "sft_grpo": "SFT -> GRPO",
     "luffy": "LUFFY (`soft`, `luffy`)",
     "srft": "SRFT (`soft`, `srft`)",
     "hpt": 'HPT (`switch`, gate 0, `demonstration_aggregation="token_mean"`)',
     "hpt_lt": 'HPT, demonstration tokens aggregated like rollout tokens (`demonstration_aggregation="loss_type"`, the default)',
     "hpt_solved": 'HPT, `demonstration_aggregation="loss_type"`, `solved_advantage=1`',
     "hpt_chord": 'HPT, `demonstration_loss="chord_phi"`, `demonstration_aggregation="loss_type"`',
+    "hpt_coef2": 'HPT, `demonstration_aggregation="loss_type"`, `demonstration_loss_coef=2`',
     "hpt_kl": 'HPT, `demonstration_aggregation="loss_type"`, KL to the start (`beta=kl_beta`)',
     "hpt_custom": "HPT with `custom_fields`",
 }
@@ -560,8 +561,8 @@ def render_learning(report: dict) -> str:
         + (f"no KL but for `hpt_kl` (beta {settings['kl_beta']}), " if "hpt_kl" in methods else "no KL, ")
         + (f"`custom_fields` {', '.join(settings['custom_fields'])}, " if "hpt_custom" in methods else "")
         + (
-            f"SFT -> GRPO with {settings['sft_grpo_sft_fraction']:g} of the steps on SFT (not half), "
-            if "sft_grpo" in methods and settings.get("sft_grpo_sft_fraction", 0.5) != 0.5
+            f"SFT -> GRPO with {settings.get('sft_grpo_sft_fraction', 0.5):g} of the steps on SFT, "
+            if "sft_grpo" in methods
             else ""
         )
         + f"`demonstration_loss_coef={settings.get('demonstration_loss_coef', settings.get('sft_loss_coef'))}`. {settings['seeds']} seed(s); mean +- std over seeds. pass@k "
