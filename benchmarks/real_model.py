@@ -19,7 +19,8 @@ of optimizer steps and prompts per step (the generating ones: the same rollouts 
 
 - `sft`: TRL's `SFTTrainer` on the demonstrations (one per prompt);
 - `grpo`: TRL's `GRPOTrainer` (its defaults: `loss_type="dapo"`, `scale_rewards="group"`, no KL);
-- `sft_grpo`: half the steps `SFTTrainer`, then half `GRPOTrainer` on the same adapter (a fresh optimizer);
+- `sft_grpo`: `sft_grpo_sft_fraction` of the steps `SFTTrainer` (a quarter, the share the learning benchmark chose on
+  its validation split), then the rest `GRPOTrainer` on the same adapter (a fresh optimizer);
 - `luffy`: `HPTTrainer(feedback="soft", demonstration_loss="luffy")`;
 - `hpt`: `HPTTrainer` with its defaults (`feedback="switch"`, gate 0);
 - `hpt_paper`: `HPTTrainer` with the paper's recipe scaled down (`demonstration_aggregation="token_mean"`,
@@ -27,6 +28,8 @@ of optimizer steps and prompts per step (the generating ones: the same rollouts 
   `entropy_coef=0.001`, `skip_grad_norm_above=80`);
 - `hpt_solved`: `HPTTrainer` defaults with `solved_advantage=1` (the forgetting remedy: SFT on the model's own
   correct rollouts of prompts it solves every time);
+- `hpt_coef2`: the defaults with `demonstration_loss_coef=2`, the configuration the learning benchmark chose on its
+  validation split (not tuned here);
 - `hpt_chord`, `hpt_coef025` (only when asked for): the defaults with CHORD-phi demonstrations
   (`demonstration_loss="chord_phi"`), or with `demonstration_loss_coef=0.25`.
 
@@ -92,7 +95,7 @@ from benchmarks.report import (  # noqa: E402
 
 
 # The HPT variants whose paired differences against every other method are reported.
-PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved", "hpt_chord", "hpt_coef025")
+PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved", "hpt_coef2", "hpt_chord", "hpt_coef025")
 
 HPT_FIELDS = {
     "luffy": {"feedback": "soft", "demonstration_loss": "luffy"},
@@ -109,6 +112,7 @@ HPT_FIELDS = {
     "hpt_solved": {"solved_advantage": 1.0},
     "hpt_chord": {"demonstration_loss": "chord_phi"},
     "hpt_coef025": {"demonstration_loss_coef": 0.25},
+    "hpt_coef2": {"demonstration_loss_coef": 2.0},
 }
 # Measured as remedies (docs/benchmarks.md) and left out of the default run.
 NOT_DEFAULT = ("hpt_chord", "hpt_coef025")
@@ -131,6 +135,8 @@ class RealModelSettings:
     max_completion_length: int = 48
     temperature: float = 0.7
     learning_rate: float = 2e-4
+    # Share of the steps `sft_grpo` spends on SFT: the learning benchmark's choice on its validation split.
+    sft_grpo_sft_fraction: float = 0.25
     lora_r: int = 16
     lora_alpha: int = 32
     # Evaluation
@@ -492,7 +498,7 @@ def run_method(method, base_model, tokenizer, dataset, settings, seed, device):
     elif method == "grpo":
         model = _train_grpo(model, *common, steps, device, recorder, _lora(settings))
     elif method == "sft_grpo":
-        first = steps // 2
+        first = round(steps * settings.sft_grpo_sft_fraction)
         model = _train_sft(model, *common, first, device, recorder, _lora(settings))
         # The same adapter trained on; another data seed, so the RL half does not replay the SFT half's prompts.
         model = _train_grpo(model, tokenizer, dataset, settings, seed + 10_000, steps - first, device, recorder, None)

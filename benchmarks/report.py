@@ -71,13 +71,14 @@ LEARNING_METHODS = {
 REAL_MODEL_METHODS = {
     "sft": "SFT (TRL `SFTTrainer`)",
     "grpo": "GRPO (TRL `GRPOTrainer`)",
-    "sft_grpo": "SFT -> GRPO (half each)",
+    "sft_grpo": "SFT -> GRPO",
     "luffy": 'LUFFY (`feedback="soft"`, `demonstration_loss="luffy"`)',
     "hpt": "HPT (`HPTTrainer` defaults)",
     "hpt_paper": "HPT, paper recipe scaled down",
     "hpt_solved": "HPT + `solved_advantage=1`",
     "hpt_chord": 'HPT + CHORD-phi demonstrations (`demonstration_loss="chord_phi"`)',
     "hpt_coef025": "HPT, `demonstration_loss_coef=0.25`",
+    "hpt_coef2": "HPT, `demonstration_loss_coef=2`",
 }
 
 # The metrics of the learning benchmark's paired differences (its final metrics hold more).
@@ -292,6 +293,51 @@ def learning_validation_aggregate(results: dict, methods: Sequence[str]) -> dict
     for method in methods:
         out[method] = {k: mean_std(s["methods"][method]["validation"][k] for s in seeds) for k in metrics}
     return out
+
+
+def learning_config_label(settings: dict, method: str) -> str:
+    """A learning method's label with the settings that parametrise it (`custom_fields`, `kl_beta`, the SFT share)."""
+    if method == "hpt_custom":
+        return "HPT, " + ", ".join(f"`{field}`" for field in settings["custom_fields"])
+    if method == "hpt_kl":
+        return f"HPT, KL to the start (`beta={settings['kl_beta']:g}`)"
+    if method == "sft_grpo":
+        return f"SFT -> GRPO, {settings.get('sft_grpo_sft_fraction', 0.5):g} of the steps on SFT"
+    return LEARNING_METHODS[method]
+
+
+def learning_sweep_table(reports: Sequence[dict]) -> str:
+    """
+    Validation accuracy of every configuration in `reports` (learning reports with a validation split), one column
+    pair per task (demonstration style), with the mean greedy accuracy over the tasks a configuration ran on.
+    """
+    styles, table = [], {}
+    for report in reports:
+        if "aggregate_validation" not in report:
+            raise ValueError("a sweep needs learning reports with a validation split (validation > 0)")
+        settings = report["settings"]
+        style = settings.get("demonstration_style", "plain")
+        if style not in styles:
+            styles.append(style)
+        for method, values in report["aggregate_validation"].items():
+            label = "warm start" if method == "warm_start" else learning_config_label(settings, method)
+            table.setdefault(label, {})[style] = (values["greedy"][0], values["greedy_no_carry"][0])
+    headers = ["configuration"]
+    for style in styles:
+        headers += [f"{style}: greedy", f"{style}: no carry"]
+    headers.append("mean greedy")
+    rows = []
+    for label, by_style in table.items():
+        row = [label]
+        for style in styles:
+            greedy, no_carry = by_style.get(style, (None, None))
+            row += [
+                "" if greedy is None else f"{100 * greedy:.1f}",
+                "" if no_carry is None else f"{100 * no_carry:.1f}",
+            ]
+        row.append(f"{100 * statistics.fmean(g for g, _ in by_style.values()):.1f}")
+        rows.append(row)
+    return markdown_table(headers, rows)
 
 
 def learning_paired(results: dict, methods: Sequence[str], reference: str = "hpt") -> dict:
@@ -747,7 +793,8 @@ def render_real_model(report: dict) -> str:
         f"{split['test']} test problems, e.g. `{example['question']}` with the demonstration "
         f"`{example['solution']}`. Every method: {settings['steps']} optimizer steps, {settings['prompts_per_step']} "
         f"prompts per step ({settings['num_generations']} rollouts each, up to {settings['max_completion_length']} "
-        f"tokens, temperature {settings['temperature']}), AdamW lr {settings['learning_rate']} constant. "
+        f"tokens, temperature {settings['temperature']}), AdamW lr {settings['learning_rate']} constant; "
+        f"SFT -> GRPO: {settings.get('sft_grpo_sft_fraction', 0.5):g} of the steps on SFT. "
         f"{settings['seeds']} seed(s) ({', '.join(str(k) for k in results['seeds'])}), mean +- std over seeds.",
         "",
         f"Base model on the {competence['problems']} validation problems: greedy accuracy "
@@ -868,10 +915,27 @@ def render(report: dict, markdown: str | os.PathLike | None = None, plot_path: s
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="a report written by speed.py, learning.py or real_model.py")
+    parser.add_argument(
+        "json", type=Path, nargs="+", help="a report written by speed.py, learning.py or real_model.py"
+    )
     parser.add_argument("--markdown", type=Path, help="write the Markdown here instead of printing it")
     parser.add_argument("--plot", type=Path, help="write the plot here (learning reports only)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="learning reports with a validation split: one table of every configuration's validation accuracy",
+    )
     args = parser.parse_args(argv)
+    if args.sweep:
+        text = learning_sweep_table([json.loads(path.read_text()) for path in args.json]) + "\n"
+        if args.markdown is not None:
+            args.markdown.write_text(text)
+        else:
+            sys.stdout.write(text)
+        return text
+    if len(args.json) > 1:
+        parser.error("one report at a time (several only with --sweep)")
+    args.json = args.json[0]
     report = json.loads(args.json.read_text())
     try:
         benchmark = benchmark_of(report)

@@ -71,6 +71,11 @@ def test_learning_task_split_is_disjoint_and_warm_start_has_no_carry():
     assert {len(answer_text(a, b)) for a, b in train} == {2}
     assert task_rows([(7, 45)]) == [{"prompt": "07+45=", "completion": "52", "solution": "52"}]
     assert task_split(50, 128) == split  # the split does not depend on the seed of a run
+    # A validation split comes out of the post-training prompts and leaves the held-out problems as they were.
+    with_validation = task_split(50, 128, validation=64)
+    valid = set(with_validation["validation"])
+    assert with_validation["held_out"] == split["held_out"] and len(valid) == 64
+    assert not valid & set(with_validation["train"]) and valid | set(with_validation["train"]) == train
 
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -171,8 +176,11 @@ def test_learning_quick_writes_its_outputs(tmp_path):
         "hpt",
         "hpt_lt",
         "hpt_solved",
+        "hpt_coef2",
     }
-    assert set(report["paired"]) == {"hpt", "hpt_lt", "hpt_solved"}
+    assert set(report["paired"]) == {"hpt", "hpt_lt", "hpt_solved", "hpt_coef2"}
+    # Every run is evaluated on the validation split too, which settings are chosen on.
+    assert set(report["aggregate_validation"]) == set(report["aggregate"])
     assert report["benchmark"] == "learning"
     assert "HPT" in (tmp_path / "learning.md").read_text()
 
