@@ -37,9 +37,9 @@ the completion tokens each method actually generated):
 rate for all (see `LearningSettings.learning_rate`), and a second learning rate for SFT, GRPO and HPT to show how much
 the ranking depends on it.
 
-**Validation.** With `validation > 0`, that many problems are set aside from the post-training prompts (the held-out
-problems stay the same) and every run is also evaluated on them: settings are chosen on these numbers, then the final
-comparison runs with `validation=0`, training on every post-training prompt.
+**Validation.** `validation` problems (128 by default) are set aside from the post-training prompts (the held-out
+problems stay the same) and every run is also evaluated on them: settings are chosen on these numbers only, and the
+held-out numbers are reported on the same split. `validation=0` trains on every post-training prompt.
 
 **Metrics** on the held-out problems: greedy accuracy (all, with-carry, no-carry), and pass@k for k = 1, 4 from `n`
 sampled completions per problem at the training temperature (unbiased estimator `1 - C(n-c, k) / C(n, k)`), mean and
@@ -85,43 +85,29 @@ from benchmarks.report import (  # noqa: E402
     brief_learning,
     learning_aggregate,
     learning_paired,
-    learning_validation_aggregate,
     machine_line,
     render,
 )
 
 
 # The HPTConfig fields of each method trained by HPTTrainer (the others: TRL's trainers, or a sequence of these).
+# HPTConfig's defaults with the benchmark's gate spelled out; the HPT variants below change one or two fields of it.
+_HPT_DEFAULTS = {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"}
 HPT_FIELDS = {
     "sft": {"feedback": "sft"},
     "grpo": {"feedback": "rl"},
     "luffy": {"feedback": "soft", "demonstration_loss": "luffy"},
     "srft": {"feedback": "soft", "demonstration_loss": "srft"},
-    "hpt": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "token_mean"},
-    "hpt_lt": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
-    "hpt_solved": {
-        "feedback": "switch",
-        "switch_gate": 0.0,
-        "demonstration_aggregation": "loss_type",
-        "solved_advantage": 1.0,
-    },
-    "hpt_chord": {
-        "feedback": "switch",
-        "switch_gate": 0.0,
-        "demonstration_loss": "chord_phi",
-        "demonstration_aggregation": "loss_type",
-    },
-    # beta: LearningSettings.kl_beta; hpt_custom: LearningSettings.custom_fields (see method_fields).
-    # demonstration_loss_coef 2: the best mean validation accuracy over the plain and spaced tasks of the configurations
-    # swept in docs/benchmarks.md.
-    "hpt_coef2": {
-        "feedback": "switch",
-        "switch_gate": 0.0,
-        "demonstration_aggregation": "loss_type",
-        "demonstration_loss_coef": 2.0,
-    },
-    "hpt_kl": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
-    "hpt_custom": {"feedback": "switch", "switch_gate": 0.0, "demonstration_aggregation": "loss_type"},
+    "hpt": {**_HPT_DEFAULTS, "demonstration_aggregation": "token_mean"},
+    "hpt_lt": _HPT_DEFAULTS,
+    "hpt_solved": {**_HPT_DEFAULTS, "solved_advantage": 1.0},
+    "hpt_chord": {**_HPT_DEFAULTS, "demonstration_loss": "chord_phi"},
+    # The best mean validation accuracy over the plain and spaced tasks of the configurations swept in
+    # docs/benchmarks.md.
+    "hpt_coef2": {**_HPT_DEFAULTS, "demonstration_loss_coef": 2.0},
+    # beta: LearningSettings.kl_beta; the fields of LearningSettings.custom_fields (see method_fields).
+    "hpt_kl": _HPT_DEFAULTS,
+    "hpt_custom": _HPT_DEFAULTS,
 }
 # Measured once as remedies (docs/benchmarks.md) and left out of the default run.
 NOT_DEFAULT = ("hpt_chord", "hpt_kl", "hpt_custom")
@@ -710,7 +696,7 @@ def main(argv=None) -> dict:
     report["results"] = run(settings, args.methods)
     report["aggregate"] = learning_aggregate(report["results"], args.methods)
     if settings.validation:
-        report["aggregate_validation"] = learning_validation_aggregate(report["results"], args.methods)
+        report["aggregate_validation"] = learning_aggregate(report["results"], args.methods, validation=True)
     if settings.sensitivity_lr is not None:
         report["aggregate_sensitivity"] = learning_aggregate(
             report["results"], list(settings.sensitivity_methods), "sensitivity"

@@ -201,6 +201,7 @@ def aggregate(
     methods: Sequence[str],
     metrics: Sequence[str],
     extras: Callable[[list[dict]], dict] | None = None,
+    key: str = "final",
 ) -> dict:
     """
     Mean and std over seeds of every final metric, per method.
@@ -214,6 +215,8 @@ def aggregate(
             The final metrics to aggregate.
         extras (`Callable[[list[dict]], dict]`, *optional*):
             Called with a method's records of every seed; what it returns is added to that method's entry.
+        key (`str`, *optional*, defaults to `"final"`):
+            The key of each record that holds the metrics (`"validation"`: the learning benchmark's validation split).
 
     Returns:
         `dict`: `{method: {metric: (mean, std), **extras(records)}}`.
@@ -221,7 +224,7 @@ def aggregate(
     out = {}
     for method in methods:
         records = [s[method] for s in per_seed]
-        out[method] = {k: mean_std(r["final"][k] for r in records) for k in metrics}
+        out[method] = {k: mean_std(r[key][k] for r in records) for k in metrics}
         if extras is not None:
             out[method].update(extras(records))
     return out
@@ -273,25 +276,20 @@ def _learning_extras(records: list[dict]) -> dict:
     return out
 
 
-def learning_aggregate(results: dict, methods: Sequence[str], group: str = "methods") -> dict:
+def learning_aggregate(
+    results: dict, methods: Sequence[str], group: str = "methods", validation: bool = False
+) -> dict:
     """
     The learning benchmark's aggregate: mean and std over seeds of every final metric, per method of `group`
-    (`"methods"` or `"sensitivity"`) and for the warm start, with generated tokens, seconds and HPT's SFT share.
+    (`"methods"` or `"sensitivity"`) and for the warm start, with generated tokens, seconds and HPT's SFT share; with
+    `validation`, the metrics on the validation problems instead (and nothing else).
     """
+    warm, key = ("warm_start_validation", "validation") if validation else ("warm_start", "final")
     seeds = list(results["seeds"].values())
-    metrics = list(seeds[0]["warm_start"].keys())
-    out = {"warm_start": {k: mean_std(s["warm_start"][k] for s in seeds) for k in metrics}}
-    out.update(aggregate([s[group] for s in seeds], methods, metrics, _learning_extras))
-    return out
-
-
-def learning_validation_aggregate(results: dict, methods: Sequence[str]) -> dict:
-    """Mean and std over seeds of every metric on the validation problems, per method and for the warm start."""
-    seeds = list(results["seeds"].values())
-    metrics = list(seeds[0]["warm_start_validation"].keys())
-    out = {"warm_start": {k: mean_std(s["warm_start_validation"][k] for s in seeds) for k in metrics}}
-    for method in methods:
-        out[method] = {k: mean_std(s["methods"][method]["validation"][k] for s in seeds) for k in metrics}
+    metrics = list(seeds[0][warm].keys())
+    out = {"warm_start": {k: mean_std(s[warm][k] for s in seeds) for k in metrics}}
+    extras = None if validation else _learning_extras
+    out.update(aggregate([s[group] for s in seeds], methods, metrics, extras, key=key))
     return out
 
 
