@@ -249,9 +249,8 @@ def spec_loss_formula(spec) -> str:
             loss = f"-sg(min({ratio}, {spec.epsilon_high:g})) * A * lp"
         else:
             loss = f"-{ratio} * A"
-    if spec.token_weight == "p_one_minus_p":
-        loss = f"sg(p (1 - p)) * ({loss})"
-    return loss
+    weight = {"p_one_minus_p": "p (1 - p)", "p": "p", "sequence_p": "exp(mean lp)"}.get(spec.token_weight)
+    return loss if weight is None else f"sg({weight}) * ({loss})"
 
 
 def presets_table() -> str:

@@ -88,6 +88,12 @@ def closed_form(spec, lp, old, adv, mask):
             value, coef = -r * A, -r * A
     if spec.token_weight == "p_one_minus_p":
         value, coef = value * p * (1 - p), coef * p * (1 - p)
+    elif spec.token_weight == "p":
+        value, coef = value * p, coef * p
+    elif spec.token_weight == "sequence_p":
+        # the geometric mean of the row's token probabilities over its own tokens, a constant of the gradient
+        w = torch.exp((lp * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True))
+        value, coef = value * w, coef * w
     return value * m, coef * m
 
 
@@ -361,3 +367,61 @@ def test_hybrid_loss_with_the_callers_ratio_equals_its_own_and_reports_clipping(
     for name, clipped in expected.items():
         assert torch.equal(own[f"clip/{name}"], clipped) and torch.equal(given[f"clip/{name}"], clipped)
     assert any(bool(c[~demonstration].any()) for c in expected.values())  # the batch does clip some rollout tokens
+
+
+def test_normalization_spreads_global_counts_over_processes_and_micro_batches():
+    from trl_hpt.estimator import Normalization
+
+    norm = Normalization("grpo", max_completion_length=16, num_processes=2, steps_per_generation=4)
+    # 24 policy rows over 2 processes x 4 micro-batches = 3 per micro-batch, then / accumulation (2).
+    policy, token_mean = norm.denominators(24.0, 40.0, 9.0, None, gradient_accumulation_steps=2)
+    assert policy == pytest.approx(3 * 2) and token_mean == pytest.approx(40 / 2 * 2 / 4)
+    assert norm._replace(loss_type="bnpo").denominators(24.0, 40.0, 9.0, None, 2)[0] == pytest.approx(9 * 2)
+    assert norm._replace(loss_type="dr_grpo").denominators(24.0, 0.0, 9.0, None, 2)[0] == pytest.approx(3 * 16 * 2)
+    dapo, _ = norm._replace(loss_type="dapo").denominators(24.0, 0.0, 9.0, 80.0, 2)
+    assert dapo == pytest.approx(80 / 2 * 2 / 4)
+    # Empty counts are clamped at 1 before they are spread; evaluation has no micro-batches or accumulation.
+    assert norm.denominators(0.0, 0.0, 0.0, None, 2) == pytest.approx((1 / 2 / 4 * 2, 1 / 2 * 2 / 4))
+    assert norm.denominators(24.0, 40.0, 9.0, None, 2, training=False) == pytest.approx((12.0, 20.0))
+
+
+def test_hybrid_loss_from_config_reads_the_specs_aggregation_and_coefficient(tmp_path):
+    from trl_hpt import HPTConfig
+    from trl_hpt.estimator import HybridLoss
+
+    args = HPTConfig(
+        str(tmp_path),
+        loss_type="dapo",
+        demonstration_loss="luffy",
+        demonstration_loss_coef=0.5,
+        report_to="none",
+        bf16=False,
+    )
+    loss = HybridLoss.from_config(args, num_processes=4)
+    assert loss.rollout_spec == rollout_spec_from_grpo_config(args)
+    assert (loss.demonstration_spec.name, loss.demonstration_spec.aggregation) == ("luffy", "loss_type")
+    assert loss.normalization == ("dapo", args.max_completion_length, 4, args.steps_per_generation)
+    assert loss.demonstration_coef == 0.5
+    reference = HPTConfig(str(tmp_path), rl_aggregation="max_length_sum", feedback="sft", report_to="none", bf16=False)
+    sft_only = HybridLoss.from_config(reference, has_rl_term=False)
+    assert sft_only.normalization.loss_type == "max_length_sum" and sft_only.demonstration_spec.separate_term
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_loss_term_metrics_read_per_optimizer_step_over_processes(separate):
+    from trl_hpt.estimator import loss_term_metrics
+
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    batch = HybridBatch(lp, mask, torch.tensor([False, True]), torch.ones(2), None)
+    metrics = {"policy_loss": torch.tensor(0.25), "token_mean_loss": torch.tensor(0.125)}
+
+    def two_equal_processes(t):
+        return t * 2
+
+    values = loss_term_metrics(
+        batch, metrics, accumulation=4, separate_term=separate, reduce=two_equal_processes, num_processes=2
+    )
+    assert values["hpt/rl_loss"] == pytest.approx(0.25 * 4)
+    # Separate: the token-mean term itself; reduced with the rollouts: the demonstration tokens' mean NLL.
+    assert values["hpt/demonstration_loss"] == pytest.approx(0.125 * 4 if separate else 5.0 / 3)

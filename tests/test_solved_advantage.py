@@ -66,3 +66,14 @@ def test_off_by_default_and_validated(tmp_path):
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="solved_advantage"):
             HPTConfig(str(tmp_path), use_cpu=True, solved_advantage=bad)
+
+
+def test_solved_rollouts_are_the_correct_rollouts_of_fully_solved_prompts():
+    from trl_hpt.feedback import prompt_accuracy, solved_rollouts
+
+    # Three prompts, two rollouts each: solved; half solved; solved with one rollout unscored (NaN, left out of P).
+    verifier = torch.tensor([1.0, 1.0, 1.0, 0.0, float("nan"), 1.0])
+    accuracy = prompt_accuracy(verifier, 2)
+    placed = torch.tensor([False, True, False, False, False, False])  # a demonstration in the first group's slot
+    assert accuracy.tolist() == [1.0, 0.5, 1.0]
+    assert solved_rollouts(verifier, accuracy, placed).tolist() == [True, False, False, False, False, True]

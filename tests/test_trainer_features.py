@@ -8,7 +8,7 @@ from trl import GRPOConfig
 
 from trl_hpt import HPTConfig
 from trl_hpt.rewards import exact_match_reward
-from trl_hpt.testing import addition_rows, dense_reward, make_trainer, train_args
+from trl_hpt.testing import addition_rows, dense_reward, make_trainer, tiny_model, train_args
 
 
 PAIRS = [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 6)]
@@ -143,3 +143,43 @@ def test_former_demonstration_field_names_still_work_with_a_warning(tmp_path):
     grpo = train_args(tmp_path, cls=GRPOConfig)
     with pytest.warns(FutureWarning, match="sft_loss_coef"):
         assert HPTConfig.from_grpo_config(grpo, sft_loss_coef=2.0).demonstration_loss_coef == 2.0
+
+
+def test_trainer_setup_checks_name_the_field(tmp_path, caplog):
+    import logging
+
+    args = HPTConfig(str(tmp_path), verifier_reward_index=2, report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="verifier_reward_index=2 but 2 reward"):
+        args.check_trainer_setup(num_reward_funcs=2, uses_demonstrations=True, deepspeed=False, environments=False)
+    args = HPTConfig(str(tmp_path), skip_grad_norm_above=80.0, report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="skip_grad_norm_above is not supported with DeepSpeed"):
+        args.check_trainer_setup(num_reward_funcs=1, uses_demonstrations=True, deepspeed=True, environments=False)
+    args = HPTConfig(str(tmp_path), demonstration_loss="luffy", feedback="soft", report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="demonstration_loss='luffy' scores each demonstration"):
+        args.check_trainer_setup(num_reward_funcs=1, uses_demonstrations=True, deepspeed=False, environments=True)
+    with caplog.at_level(logging.WARNING, logger="trl_hpt.config"):
+        args.check_trainer_setup(num_reward_funcs=2, uses_demonstrations=True, deepspeed=False, environments=False)
+        args.check_trainer_setup(num_reward_funcs=2, uses_demonstrations=False, deepspeed=False, environments=False)
+    assert sum("verifier_reward_index=None" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_config_for_trainer_keeps_an_hpt_config_and_converts_a_grpo_config(tmp_path):
+    from trl import GRPOConfig
+
+    given = HPTConfig(str(tmp_path), report_to="none", bf16=False)
+    assert HPTConfig.for_trainer(given, "org/tiny-model") is given
+    converted = HPTConfig.for_trainer(GRPOConfig(str(tmp_path), report_to="none", bf16=False), "org/tiny-model")
+    assert isinstance(converted, HPTConfig) and converted.feedback == "switch"
+
+
+def test_positional_arguments_follow_grpo_trainers_order(tmp_path, char_tokenizer):
+    """Past train_dataset, positional arguments go to GRPOTrainer in its own order (eval_dataset, processing_class...)."""
+    from datasets import Dataset
+
+    from trl_hpt import HPTTrainer
+
+    dataset = Dataset.from_list(addition_rows(PAIRS))
+    args = train_args(tmp_path, max_steps=1)
+    model = tiny_model(char_tokenizer)
+    trainer = HPTTrainer(model, exact_match_reward, args, dataset, dataset, char_tokenizer)
+    assert trainer.eval_dataset is dataset and trainer.processing_class is char_tokenizer

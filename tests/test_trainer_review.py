@@ -355,3 +355,19 @@ def test_message_demonstrations_for_string_prompts_keep_only_assistant_turns(tmp
     rows[1]["completion"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "7"}]
     with pytest.raises(ValueError, match=r"column 'completion', row 1: .*role\(s\) \['user'\]"):
         make_trainer(tmp_path, char_tokenizer, rows, dense_reward)
+
+
+def test_demonstration_flags_and_completions_as_reward_functions_see_them():
+    from trl_hpt.demonstrations import Demonstration, demonstration_completion, demonstration_flags
+
+    demos = [Demonstration([1, 2]), Demonstration([]), Demonstration([3], truncated=True)]
+    assert demonstration_flags(demos, 3, drop_truncated=False).tolist() == [
+        [True, False],
+        [False, False],
+        [True, True],
+    ]
+    assert demonstration_flags(demos, 3, drop_truncated=True)[:, 0].tolist() == [True, False, False]
+    assert not demonstration_flags(None, 2, drop_truncated=True).any()
+    message = [{"role": "assistant", "content": "4"}]
+    assert demonstration_completion([{"role": "user", "content": "2+2?"}], "4") == message
+    assert demonstration_completion("2+2?", message) == "4"

@@ -196,3 +196,90 @@ def select_rows(batch: dict, index: torch.Tensor | None) -> dict:
         elif value.size(1) == full_width:
             selected[key] = value[:, :width]
     return selected
+
+
+class RowLayout(NamedTuple):
+    """
+    Where one process's rows sit in the generation batch: consecutive groups of `num_generations` rows per prompt,
+    each process holding `num_local` consecutive rows. Global tensors are over every process's rows (or prompts).
+    """
+
+    num_local: int
+    num_generations: int
+    num_processes: int = 1
+    process_index: int = 0
+
+    @classmethod
+    def of(cls, accelerator, num_local: int, num_generations: int = 1) -> RowLayout:
+        """The layout of this process's `num_local` rows under an `accelerate.Accelerator`."""
+        return cls(num_local, num_generations, accelerator.num_processes, accelerator.process_index)
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_local * self.num_processes
+
+    def local(self, rows: torch.Tensor) -> torch.Tensor:
+        """This process's part of a tensor over every row."""
+        start = self.process_index * self.num_local
+        return rows[start : start + self.num_local]
+
+    def per_row(self, prompts: torch.Tensor) -> torch.Tensor:
+        """A tensor over every prompt, repeated for each of its rows."""
+        return prompts.repeat_interleave(self.num_generations, dim=0)
+
+    def last_slots(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Over every row: a prompt's flag in its group's last slot (where a demonstration goes), False elsewhere."""
+        slot = torch.arange(self.num_rows, device=prompts.device) % self.num_generations
+        return self.per_row(prompts.bool()) & (slot == self.num_generations - 1)
+
+    def per_prompt(self, rows: torch.Tensor) -> torch.Tensor:
+        """A gathered tensor over every row, read in each group's last slot: one value per prompt."""
+        return rows.view(-1, self.num_generations, *rows.shape[1:])[:, -1]
+
+
+def scoring_rows(placed: torch.Tensor, layout: RowLayout) -> tuple[list[int], int]:
+    """
+    This process's rows whose demonstration is scored, and how many rows every process scores: the most any process
+    has, so that reward models run the same number of forwards on every process (the short ones pad with repeats).
+    `placed` is over every row.
+    """
+    per_process = placed.view(layout.num_processes, layout.num_local)
+    rows = per_process[layout.process_index].nonzero(as_tuple=True)[0].tolist()
+    return rows, int(per_process.sum(1).max())
+
+
+def scatter_scored(gathered: torch.Tensor, placed: torch.Tensor, layout: RowLayout, width: int) -> torch.Tensor:
+    """
+    Rewards gathered from [`scoring_rows`]' `width` rows per process, put back in their rows: `(every row, F)`, NaN
+    where no demonstration was placed.
+    """
+    result = gathered.new_full((layout.num_rows, gathered.size(1)), float("nan"))
+    per_process = placed.view(layout.num_processes, layout.num_local)
+    for process in range(layout.num_processes):
+        owned = per_process[process].nonzero(as_tuple=True)[0]
+        result[process * layout.num_local + owned] = gathered[process * width : process * width + owned.numel()]
+    return result
+
+
+def rollout_inputs(batch: dict, per_token_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The advantages as a column (`(B, 1)`, or `(B, T)` as given) and `log pi_old`, which is the detached current
+    log-probability when the batch has none (a single update per generation, as `GRPOTrainer` reads it).
+    """
+    advantages = batch["advantages"]
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    old = batch.get("old_per_token_logps")
+    return advantages, per_token_logps.detach() if old is None else old
+
+
+def forward_inputs(batch: dict) -> dict:
+    """
+    What `GRPOTrainer._get_per_token_logps_and_entropies` reads of a batch, as its keyword arguments: ids, attention
+    mask, the number of completion positions to keep, and the multimodal and token-type inputs.
+    """
+    return {
+        "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+        "logits_to_keep": batch["completion_ids"].size(1),
+        **{k: batch.get(k) for k in FORWARD_KEYS},
+    }

@@ -1,13 +1,18 @@
 """Configuration of [`HPTTrainer`]."""
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
+from trl.trainer.utils import get_config_model_id
 
 from trl_hpt.estimator import AGGREGATIONS, DEMONSTRATION_PRESETS, RL_AGGREGATIONS, get_preset
 from trl_hpt.feedback import STRATEGIES
+
+
+logger = logging.getLogger(__name__)
 
 
 FEEDBACK_STRATEGIES = tuple(STRATEGIES)
@@ -47,7 +52,7 @@ class HPTConfig(GRPOConfig):
         demonstration_loss_coef (`float`, *optional*, defaults to `1.0`):
             Coefficient of the demonstration term. Formerly `sft_loss_coef`.
         demonstration_loss (`str`, *optional*, defaults to `"sft"`):
-            Estimator preset for demonstration rows: `sft`, `luffy`, `srft` or `chord_phi`. Formerly `offline_loss`.
+            Estimator preset for demonstration rows: `sft`, `luffy`, `srft`, `chord_phi`, `dft` or `sft_sequence_p`. Formerly `offline_loss`.
         demonstration_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             `gamma` of LUFFY's shaping `p / (p + gamma)`. Formerly `offline_shaping_gamma`.
         demonstration_aggregation (`str`, *optional*):
@@ -115,8 +120,9 @@ class HPTConfig(GRPOConfig):
         default="sft",
         metadata={
             "help": "Estimator preset for demonstration rows: 'sft' (cross-entropy), 'luffy' (p / (p + gamma) "
-            "shaping, mixed-group advantage), 'srft' (-A * p, mixed-group advantage) or 'chord_phi' (p (1 - p) "
-            "weighted cross-entropy).",
+            "shaping, mixed-group advantage), 'srft' (-A * p, mixed-group advantage), 'chord_phi' (p (1 - p) "
+            "weighted cross-entropy), 'dft' (p weighted cross-entropy) or 'sft_sequence_p' (cross-entropy weighted "
+            "by the demonstration's geometric-mean token probability).",
             "choices": list(DEMONSTRATION_PRESETS),
         },
     )
@@ -260,6 +266,45 @@ class HPTConfig(GRPOConfig):
             )
         if self.demonstration_column in ("prompt", ""):
             raise ValueError(f"HPTConfig.demonstration_column cannot be {self.demonstration_column!r}.")
+
+    @classmethod
+    def for_trainer(cls, args: GRPOConfig | None, model) -> "HPTConfig":
+        """
+        The config an `HPTTrainer` runs with: an `HPTConfig` as given, a plain `GRPOConfig` with HPT's defaults for
+        the added fields, or (`None`) the defaults with an output directory named after the model.
+        """
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            return cls(f"{name.split('/')[-1]}-HPT")
+        return args if isinstance(args, cls) else cls.from_grpo_config(args)
+
+    def check_trainer_setup(
+        self, *, num_reward_funcs: int, uses_demonstrations: bool, deepspeed: bool, environments: bool
+    ) -> None:
+        """The checks of the HPT fields that depend on the trainer: its reward functions, DeepSpeed, environments."""
+        if self.verifier_reward_index is not None and self.verifier_reward_index >= num_reward_funcs:
+            raise ValueError(
+                f"HPTConfig.verifier_reward_index={self.verifier_reward_index} but {num_reward_funcs} reward "
+                "function(s) were given; use an index into reward_funcs or None for the weighted total."
+            )
+        if uses_demonstrations and self.verifier_reward_index is None and num_reward_funcs > 1:
+            logger.warning(
+                f"{num_reward_funcs} reward functions and HPTConfig.verifier_reward_index=None: a rollout counts as "
+                f"correct when the weighted total reward is >= success_threshold={self.success_threshold}, so "
+                "auxiliary rewards (format, length) can make a wrong answer count as correct. Set "
+                "verifier_reward_index to the index of the correctness reward."
+            )
+        if self.skip_grad_norm_above is not None and deepspeed:
+            raise ValueError(
+                "HPTConfig.skip_grad_norm_above is not supported with DeepSpeed, whose engine owns the gradients and "
+                "the optimizer step; use FSDP or DDP, or leave it None."
+            )
+        if environments and get_preset(self.demonstration_loss).advantage == "group_mixed":
+            raise ValueError(
+                f"HPTConfig.demonstration_loss={self.demonstration_loss!r} scores each demonstration with the reward "
+                "functions, but with environments a reward reads the state of the environment a rollout ran in, "
+                "which a demonstration never had. Use demonstration_loss='sft', 'chord_phi', 'dft' or 'sft_sequence_p' with environments."
+            )
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig, **hpt_fields) -> "HPTConfig":

@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any, NamedTuple
 
+import torch
 from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational
 
@@ -262,6 +263,33 @@ class DemonstrationStore:
         self._positions: dict[bytes, int] = {}
         self._cache: dict[bytes, Demonstration] = {}
 
+    @classmethod
+    def for_trainer(cls, trainer) -> DemonstrationStore:
+        """
+        The store of an `HPTTrainer`: demonstrations rendered with the processing class, chat template and tools its
+        generation uses, cut at `max_demonstration_length` (else `max_completion_length`), the training set prepared.
+        """
+        args = trainer.args
+        store = cls(
+            trainer.processing_class,
+            column=args.demonstration_column,
+            max_length=args.max_demonstration_length or args.max_completion_length,
+            chat_template=trainer.chat_template,
+            chat_template_kwargs=trainer.chat_template_kwargs,
+            tools=trainer.tools,
+            eos_token_ids=list(trainer.eos_token_ids),
+        )
+        if trainer.train_dataset is not None:
+            store.add_dataset(trainer.train_dataset, num_proc=getattr(args, "dataset_num_proc", None))
+            if store.num_present == 0:
+                raise ValueError(
+                    f"Every demonstration in column {args.demonstration_column!r} is missing or empty, so "
+                    f"feedback={args.feedback!r} could never send a prompt to SFT and this run would be plain GRPO. "
+                    "Fill the column, point HPTConfig.demonstration_column at the right one, or use "
+                    "HPTConfig(feedback='rl') for GRPO."
+                )
+        return store
+
     def _prepare(self, prompt: Any, demonstration: Any, index: int = -1) -> Demonstration:
         try:
             tokenized = tokenize_demonstration(prompt, demonstration, self.processing_class, **self._render)
@@ -336,3 +364,25 @@ class DemonstrationStore:
         if key not in self._cache:
             self._cache[key] = self._prepare(row["prompt"], row[self.column])
         return self._cache[key]
+
+
+def demonstration_flags(demos: list[Demonstration] | None, num_rows: int, drop_truncated: bool, device=None):
+    """
+    `(num_rows, 2)` booleans per row: whether its demonstration can be trained on (present, and not truncated when
+    truncated completions are dropped, as a truncated rollout would be), and whether it was truncated. All False
+    without demonstrations (`demos=None`).
+    """
+    if demos is None:
+        return torch.zeros(num_rows, 2, dtype=torch.bool, device=device)
+    usable = [d.present and not (drop_truncated and d.truncated) for d in demos]
+    return torch.tensor([[u, d.truncated] for u, d in zip(usable, demos)], dtype=torch.bool, device=device)
+
+
+def demonstration_completion(prompt: Any, demonstration: Any) -> list[dict] | str:
+    """
+    A demonstration as the completion a reward function receives: messages after a conversational prompt, text
+    otherwise (decided on the prompt alone, as `GRPOTrainer` decides it for rollouts).
+    """
+    if is_conversational({"prompt": prompt}):
+        return demonstration_messages(demonstration) or []
+    return demonstration_text(demonstration) or ""

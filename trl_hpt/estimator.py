@@ -28,7 +28,7 @@ from trl_hpt.feedback import correct_rollouts
 REFERENCES = ("current", "rollout", "sequence", "one")
 STABILIZATIONS = ("none", "clip", "cispo", "sapo")
 ADVANTAGES = ("one", "reward", "group", "group_mean", "batch", "sign", "group_mixed")
-TOKEN_WEIGHTS = ("none", "p_one_minus_p")
+TOKEN_WEIGHTS = ("none", "p_one_minus_p", "p", "sequence_p")
 AGGREGATIONS = ("loss_type", "token_mean")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # Policy-term aggregations beyond TRL's loss types: "max_length_sum" is the paper's reference code
@@ -75,7 +75,9 @@ class EstimatorSpec:
         sapo_temperatures (`tuple[float, float]`, *optional*, defaults to `(1.0, 1.05)`):
             SAPO's `tau` for positive and for non-positive advantages.
         token_weight (`str`, *optional*, defaults to `"none"`):
-            A detached per-token weight: `"none"` or `"p_one_minus_p"` (CHORD-phi, `phi = p (1 - p)`).
+            A detached per-token weight: `"none"`, `"p_one_minus_p"` (CHORD-phi, `phi = p (1 - p)`), `"p"` (DFT's
+            `p`, Wu et al. 2025) or `"sequence_p"` (the row's geometric-mean token probability `exp(mean lp)`, the
+            same for every token of the row: how likely the whole completion is under the current policy).
         aggregation (`str`, *optional*, defaults to `"loss_type"`):
             How rows of this spec are reduced: `"loss_type"` (together with the online rows, by TRL's `loss_type`) or
             `"token_mean"` (a separate token mean over the rows of this spec, HPT's SFT term).
@@ -224,9 +226,28 @@ PRESETS: dict[str, EstimatorSpec] = {
             token_weight="p_one_minus_p",
             aggregation="token_mean",
         ),
+        # Dynamic Fine-Tuning (Wu et al., 2025): cross-entropy with each token weighted by its detached probability.
+        EstimatorSpec(
+            "dft",
+            reference="current",
+            stabilization="none",
+            advantage="one",
+            token_weight="p",
+            aggregation="token_mean",
+        ),
+        # Cross-entropy weighted by how likely the whole demonstration is to the policy: a demonstration in a style
+        # the model does not write counts little, one it could have written counts fully, token by token alike.
+        EstimatorSpec(
+            "sft_sequence_p",
+            reference="current",
+            stabilization="none",
+            advantage="one",
+            token_weight="sequence_p",
+            aggregation="token_mean",
+        ),
     )
 }
-DEMONSTRATION_PRESETS = ("sft", "luffy", "srft", "chord_phi")
+DEMONSTRATION_PRESETS = ("sft", "luffy", "srft", "chord_phi", "dft", "sft_sequence_p")
 
 
 def get_preset(name: str) -> EstimatorSpec:
@@ -370,10 +391,19 @@ def per_token_policy_loss(
             loss = -ratio * adv
         loss = loss.expand_as(lp)
 
-    if spec.token_weight == "p_one_minus_p":
-        p = torch.exp(lp.detach())
-        loss = loss * (p * (1 - p))
+    if spec.token_weight != "none":
+        loss = loss * detached_token_weights(spec.token_weight, lp, mask)
     return torch.where(mask.bool(), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+
+
+def detached_token_weights(token_weight: str, per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The detached weights of an [`EstimatorSpec`]'s `token_weight` (not `"none"`), `(B, T)` or `(B, 1)`."""
+    lp = per_token_logps.detach()
+    if token_weight == "sequence_p":
+        m = mask.to(lp.dtype)
+        return torch.exp((lp * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    p = torch.exp(lp)
+    return p * (1 - p) if token_weight == "p_one_minus_p" else p
 
 
 def clip_fractions(
@@ -591,7 +621,7 @@ class HybridBatch(NamedTuple):
             rollout rows only before aggregation: TRL's off-policy and entropy masks, vLLM importance ratio (scale)
             and KL (bias).
         policy_denominator, token_mean_denominator (`float`): what each term divides by (see
-            [`micro_batch_denominators`]), taken over the full micro-batch so that skipping zero-weight rows changes
+            [`Normalization.denominators`]), taken over the full micro-batch so that skipping zero-weight rows changes
             nothing.
     """
 
@@ -716,42 +746,146 @@ def hybrid_loss(
     return policy + token_mean, metrics
 
 
-def micro_batch_denominators(
-    loss_type: str,
+def loss_term_metrics(
+    batch: HybridBatch,
+    metrics: Mapping[str, torch.Tensor],
     *,
-    policy_rows: float,
-    separate_tokens: float,
-    local_policy_tokens: float,
-    max_completion_length: int | None,
-    num_items_in_batch: float | None,
+    accumulation: int,
+    separate_term: bool,
+    reduce=None,
     num_processes: int = 1,
-    gradient_accumulation_steps: int = 1,
-    steps_per_generation: int = 1,
-    training: bool = True,
-) -> tuple[float, float]:
+) -> dict[str, float]:
     """
-    What one micro-batch's policy term and separate demonstration term divide by ([`HybridBatch`]'s denominators).
+    `hpt/rl_loss` and `hpt/demonstration_loss` of one training micro-batch from its [`HybridBatch`] and
+    [`hybrid_loss`]'s metrics, summed over processes by `reduce` (`None` on one process).
 
-    Demonstrations leave the policy term unevenly across processes and micro-batches, so row counts (grpo, dr_grpo,
-    sapo, luspo) are the generation batch's global `policy_rows` spread over processes and micro-batches (equal to
-    the local count when no row is a demonstration), and token counts (dapo, cispo, vespo: `num_items_in_batch`;
-    the separate term: `separate_tokens`) likewise; each is clamped at 1 before it is spread, as `GRPOTrainer` clamps
-    its token count. `bnpo` divides by this micro-batch's own `local_policy_tokens`. The counts come from
-    [`batch_counts`] over the whole micro-batch, zero-weight rows included.
+    The terms read per optimizer step: each micro-batch's term carries `1 / accumulation` (for dapo, cispo and vespo
+    the spread of the token count over `steps_per_generation` micro-batches cancels over a step), so it is scaled
+    back. Every process's term is its share of the global loss and DDP averages the processes, those without such
+    rows included, so the trained value is the sum over processes divided by their number. A demonstration term
+    reduced with the rollouts has no value of its own: its tokens' mean negative log-likelihood stands for it.
     """
-    steps = steps_per_generation if training else 1
-    policy = loss_type_denominator(
-        loss_type,
-        num_rows=max(policy_rows, 1.0) / num_processes / steps,
-        num_tokens=local_policy_tokens,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        num_processes=num_processes,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        steps_per_generation=steps_per_generation,
-        training=training,
-    )
-    token_mean = max(separate_tokens, 1.0) / num_processes
-    if training:
-        token_mean *= gradient_accumulation_steps / steps_per_generation
-    return policy, token_mean
+    nll_mask = (batch.mask * batch.demonstration.unsqueeze(1)).to(batch.per_token_logps.dtype)
+    nll, tokens = (-batch.per_token_logps.detach() * nll_mask).sum(), nll_mask.sum()
+    terms = (metrics["policy_loss"] * accumulation, metrics["token_mean_loss"] * accumulation, nll, tokens)
+    stats = torch.stack([t.float() for t in terms])
+    stats = stats if reduce is None else reduce(stats)
+    demonstration = stats[1] / num_processes if separate_term else stats[2] / stats[3].clamp(min=1.0)
+    return {"hpt/rl_loss": (stats[0] / num_processes).item(), "hpt/demonstration_loss": demonstration.item()}
+
+
+class Normalization(NamedTuple):
+    """
+    The run's constants that a micro-batch's denominators depend on ([`HybridBatch`]'s `policy_denominator` and
+    `token_mean_denominator`): the policy term's aggregation, the maximum completion length, the number of processes
+    and of micro-batches per generation batch.
+    """
+
+    loss_type: str
+    max_completion_length: int | None = None
+    num_processes: int = 1
+    steps_per_generation: int = 1
+
+    def denominators(
+        self,
+        policy_rows: float,
+        separate_tokens: float,
+        local_policy_tokens: float,
+        num_items_in_batch: float | None,
+        gradient_accumulation_steps: int = 1,
+        training: bool = True,
+    ) -> tuple[float, float]:
+        """
+        What one micro-batch's policy term and separate demonstration term divide by.
+
+        Demonstrations leave the policy term unevenly across processes and micro-batches, so row counts (grpo,
+        dr_grpo, sapo, luspo) are the generation batch's global `policy_rows` spread over processes and micro-batches
+        (equal to the local count when no row is a demonstration), and token counts (dapo, cispo, vespo:
+        `num_items_in_batch`; the separate term: `separate_tokens`) likewise; each is clamped at 1 before it is
+        spread, as `GRPOTrainer` clamps its token count. `bnpo` divides by this micro-batch's own
+        `local_policy_tokens`. The counts come from [`batch_counts`] over the whole micro-batch, zero-weight rows
+        included.
+        """
+        steps = self.steps_per_generation if training else 1
+        policy = loss_type_denominator(
+            self.loss_type,
+            num_rows=max(float(policy_rows), 1.0) / self.num_processes / steps,
+            num_tokens=float(local_policy_tokens),
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items_in_batch,
+            num_processes=self.num_processes,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            steps_per_generation=self.steps_per_generation,
+            training=training,
+        )
+        token_mean = max(float(separate_tokens), 1.0) / self.num_processes
+        if training:
+            token_mean *= gradient_accumulation_steps / self.steps_per_generation
+        return policy, token_mean
+
+
+@dataclass(frozen=True)
+class HybridLoss:
+    """
+    HPT's loss as one run configures it: [`hybrid_loss`] with the run's two specs, demonstration coefficient and
+    [`Normalization`], and what a trainer reads around it (denominators, logged terms).
+
+    Args:
+        rollout_spec, demonstration_spec ([`EstimatorSpec`]): the estimators of rollout and demonstration rows.
+        normalization ([`Normalization`]): the policy term's aggregation and the run's constants.
+        demonstration_coef (`float`): the demonstration rows' coefficient (`demonstration_loss_coef`).
+    """
+
+    rollout_spec: EstimatorSpec
+    demonstration_spec: EstimatorSpec
+    normalization: Normalization
+    demonstration_coef: float = 1.0
+
+    def __call__(self, batch: HybridBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`(loss, metrics)` of one micro-batch, as [`hybrid_loss`] returns them."""
+        return hybrid_loss(
+            batch,
+            rollout_spec=self.rollout_spec,
+            demonstration_spec=self.demonstration_spec,
+            loss_type=self.normalization.loss_type,
+            demonstration_coef=self.demonstration_coef,
+        )
+
+    @classmethod
+    def from_config(cls, args: Any, *, has_rl_term: bool = True, num_processes: int = 1) -> HybridLoss:
+        """
+        The loss of an `HPTConfig`: rollouts as `GRPOTrainer` trains them ([`rollout_spec_from_grpo_config`]),
+        demonstrations as [`demonstration_spec_from_hpt_config`] says, the policy term reduced as `loss_type` (or
+        `rl_aggregation`, which replaces it) does.
+        """
+        normalization = Normalization(
+            args.rl_aggregation or args.loss_type, args.max_completion_length, num_processes, args.steps_per_generation
+        )
+        return cls(
+            rollout_spec_from_grpo_config(args),
+            demonstration_spec_from_hpt_config(args, has_rl_term=has_rl_term),
+            normalization,
+            args.demonstration_loss_coef,
+        )
+
+    def denominators(self, mask, rows, num_items_in_batch, accumulation: int, training: bool) -> tuple[float, float]:
+        """
+        A micro-batch's denominators ([`Normalization.denominators`]) from its loss `mask`, its `rows` (which are
+        demonstrations, for bnpo's local token count, and the generation batch's global `policy_rows` and
+        `separate_tokens`) and `num_items_in_batch`.
+        """
+        local = batch_counts(mask, rows.demonstration, self.demonstration_spec)
+        return self.normalization.denominators(
+            rows.policy_rows, rows.separate_tokens, local.policy_tokens, num_items_in_batch, accumulation, training
+        )
+
+    def term_metrics(self, batch: HybridBatch, metrics, accumulation: int, reduce=None) -> dict[str, float]:
+        """[`loss_term_metrics`] of a training micro-batch."""
+        return loss_term_metrics(
+            batch,
+            metrics,
+            accumulation=accumulation,
+            separate_term=self.demonstration_spec.separate_term,
+            reduce=reduce,
+            num_processes=self.normalization.num_processes,
+        )

@@ -177,3 +177,14 @@ def gate_records(step: int, prompt_index: list[int], accuracy: torch.Tensor, dec
         {"step": step, "prompt_index": i, "accuracy": None if p != p else p, "alpha": a, "beta": b, "sft": bool(sft)}
         for i, p, a, b, sft in records
     ]
+
+
+def solved_rollouts(
+    verifier: torch.Tensor, accuracy: torch.Tensor, placed: torch.Tensor, success_threshold: float = 1.0
+) -> torch.Tensor:
+    """
+    Over every row: the correct rollouts of solved prompts (`P = 1`; an unknown `P` is not solved), which
+    `HPTConfig.solved_advantage` rewards. A row that holds a demonstration (`placed`) never counts.
+    """
+    solved = (accuracy == 1).repeat_interleave(verifier.numel() // accuracy.numel())
+    return solved & correct_rollouts(verifier, success_threshold) & ~placed

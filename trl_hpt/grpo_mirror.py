@@ -36,6 +36,10 @@ class GRPOTokenTerms(NamedTuple):
     entropy_mask: torch.Tensor | None
     phi: torch.Tensor | None  # VESPO's gamma weight
 
+    def rollout_modifiers(self, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """[`~trl_hpt.estimator.HybridBatch`]'s `ratio`, `rollout_token_scale` and `rollout_token_bias` (`kl_coef` KL)."""
+        return self.ratio, self.scale, None if self.per_token_kl is None else kl_coef * self.per_token_kl
+
 
 def grpo_advantages(
     rewards_per_func: torch.Tensor,
@@ -184,22 +188,21 @@ class GRPOLossMirror:
         totals = self.accelerator.reduce(stats, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-    def _log_grpo_loss_metrics(self, mode, step) -> None:
+    def _log_grpo_loss_metrics(self, mode, mask, active, rl_rows, entropies, loss_metrics, terms) -> None:
         """
         GRPOTrainer's `kl`, `entropy`, clip-ratio, `cispo_clip_ratio` and `vespo/phi_seq_mean` metrics.
 
-        Over the rows that train by RL (`step.rl_rows`; all rows without demonstrations, which is GRPOTrainer's case),
-        `entropy` over every trained token. `step` holds `mask`, `active`, `rl_rows`, `entropies`, `clip` (the
-        estimator's `clip/<name>` masks), `per_token_kl` and `phi` (VESPO).
+        Over the rows that train by RL (`rl_rows`; all rows without demonstrations, which is GRPOTrainer's case),
+        `entropy` over every trained token (`active`). `loss_metrics` holds the estimator's `clip/<name>` masks,
+        `terms` the [`GRPOTokenTerms`] (KL, VESPO's phi).
         """
         metrics = self._metrics[mode]
-        rl_rows = step.rl_rows
-        rl_mask = step.mask * rl_rows.unsqueeze(1)
-        if step.per_token_kl is not None:
-            metrics["kl"].append(self._global_mean(step.per_token_kl, rl_mask, rl_rows))
-        metrics["entropy"].append(self._global_mean(step.entropies, step.active, step.active.sum(-1) > 0))
+        rl_mask = mask * rl_rows.unsqueeze(1)
+        if terms.per_token_kl is not None:
+            metrics["kl"].append(self._global_mean(terms.per_token_kl.detach(), rl_mask, rl_rows))
+        metrics["entropy"].append(self._global_mean(entropies, active, active.sum(-1) > 0))
         if self.rollout_spec.clips:
-            fractions = {name: step.clip[f"clip/{name}"].float() for name in ("low", "high", "region")}
+            fractions = {name: loss_metrics[f"clip/{name}"].float() for name in ("low", "high", "region")}
             for name, values in fractions.items():
                 metrics[f"clip_ratio/{name}_mean"].append(self._global_mean(values, rl_mask, rl_rows))
             # Per-sequence extremes; a rank whose rollouts were all skipped sends NaN, which nanmin/nanmax ignore.
@@ -214,6 +217,7 @@ class GRPOLossMirror:
                 local = getattr(per_seq[rows], extreme)() if bool(rows.any()) else per_seq.new_tensor(float("nan"))
                 metrics[f"clip_ratio/{name}_{extreme}"].append(reducer(gather(local.reshape(1))).item())
         elif self.rollout_spec.stabilization == "cispo":
-            metrics["cispo_clip_ratio"].append(self._global_mean(step.clip["clip/cispo"].float(), rl_mask, rl_rows))
+            cispo = loss_metrics["clip/cispo"].float()
+            metrics["cispo_clip_ratio"].append(self._global_mean(cispo, rl_mask, rl_rows))
         elif self.loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"].append(self._global_mean(step.phi, rl_mask, rl_rows))
+            metrics["vespo/phi_seq_mean"].append(self._global_mean(terms.phi, rl_mask, rl_rows))
