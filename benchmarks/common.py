@@ -8,6 +8,7 @@ Rendering (Markdown tables, plots) is `benchmarks/report.py`'s.
 
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import math
@@ -203,3 +204,17 @@ def settings_overrides(settings, items: Sequence[str]) -> dict:
         else:
             overrides[name] = type(default if default is not None else 0.0)(value)
     return overrides
+
+
+def custom_fields(items: Sequence[str]) -> dict:
+    """`field=value` strings as HPTConfig fields (`hpt_custom`); a value that is not a Python literal stays a string."""
+    fields = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"custom_fields entries are field=value, got {item!r}")
+        try:
+            fields[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[name] = value
+    return fields

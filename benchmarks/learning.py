@@ -55,7 +55,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import dataclasses
 import os
@@ -71,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    custom_fields,
     generation_inputs,
     machine_info,
     pass_at_k,
@@ -409,20 +409,6 @@ def method_fields(method: str, settings: LearningSettings) -> dict:
         fields["beta"] = settings.kl_beta
     if method == "hpt_custom":
         fields.update(custom_fields(settings.custom_fields))
-    return fields
-
-
-def custom_fields(items) -> dict:
-    """`field=value` strings as HPTConfig fields; a value that is not a Python literal stays a string."""
-    fields = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"custom_fields entries are field=value, got {item!r}")
-        try:
-            fields[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            fields[name] = value
     return fields
 
 

@@ -31,7 +31,9 @@ of optimizer steps and prompts per step (the generating ones: the same rollouts 
 - `hpt_coef2`: the defaults with `demonstration_loss_coef=2`, the configuration the learning benchmark chose on its
   validation split (not tuned here);
 - `hpt_chord`, `hpt_coef025` (only when asked for): the defaults with CHORD-phi demonstrations
-  (`demonstration_loss="chord_phi"`), or with `demonstration_loss_coef=0.25`.
+  (`demonstration_loss="chord_phi"`), or with `demonstration_loss_coef=0.25`;
+- `hpt_custom` (only when asked for): the defaults with the HPTConfig fields of `custom_fields`
+  (`--set custom_fields=demonstration_loss=sft_sequence_p,demonstration_loss_coef=4`).
 
 **Metrics** on the held-out test split: greedy accuracy, pass@k (unbiased estimator, `n` samples per problem at the
 training temperature), the share of greedy answers with a `\\boxed{}`; retention; seconds per optimizer step (median
@@ -66,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    custom_fields,
     machine_info,
     pass_at_k,
     read_json,
@@ -95,7 +98,7 @@ from benchmarks.report import (  # noqa: E402
 
 
 # The HPT variants whose paired differences against every other method are reported.
-PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved", "hpt_coef2", "hpt_chord", "hpt_coef025")
+PAIRED_REFERENCES = ("hpt", "hpt_paper", "hpt_solved", "hpt_coef2", "hpt_chord", "hpt_coef025", "hpt_custom")
 
 HPT_FIELDS = {
     "luffy": {"feedback": "soft", "demonstration_loss": "luffy"},
@@ -113,9 +116,10 @@ HPT_FIELDS = {
     "hpt_chord": {"demonstration_loss": "chord_phi"},
     "hpt_coef025": {"demonstration_loss_coef": 0.25},
     "hpt_coef2": {"demonstration_loss_coef": 2.0},
+    "hpt_custom": {},  # the fields of RealModelSettings.custom_fields
 }
 # Measured as remedies (docs/benchmarks.md) and left out of the default run.
-NOT_DEFAULT = ("hpt_chord", "hpt_coef025")
+NOT_DEFAULT = ("hpt_chord", "hpt_coef025", "hpt_custom")
 
 
 @dataclass
@@ -137,6 +141,8 @@ class RealModelSettings:
     learning_rate: float = 2e-4
     # Share of the steps `sft_grpo` spends on SFT: the learning benchmark's choice on its validation split.
     sft_grpo_sft_fraction: float = 0.25
+    # HPTConfig fields of the `hpt_custom` method, as `field=value` strings (values read as Python literals).
+    custom_fields: tuple[str, ...] = ()
     lora_r: int = 16
     lora_alpha: int = 32
     # Evaluation
@@ -503,7 +509,8 @@ def run_method(method, base_model, tokenizer, dataset, settings, seed, device):
         # The same adapter trained on; another data seed, so the RL half does not replay the SFT half's prompts.
         model = _train_grpo(model, tokenizer, dataset, settings, seed + 10_000, steps - first, device, recorder, None)
     elif method in HPT_FIELDS:
-        model = _train_hpt(model, *common, steps, device, recorder, _lora(settings), **HPT_FIELDS[method])
+        fields = {**HPT_FIELDS[method], **(custom_fields(settings.custom_fields) if method == "hpt_custom" else {})}
+        model = _train_hpt(model, *common, steps, device, recorder, _lora(settings), **fields)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     # The adapter folded into the weights for evaluation: the same function, without LoRA's extra matmuls per layer

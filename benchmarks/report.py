@@ -79,6 +79,7 @@ REAL_MODEL_METHODS = {
     "hpt_chord": 'HPT + CHORD-phi demonstrations (`demonstration_loss="chord_phi"`)',
     "hpt_coef025": "HPT, `demonstration_loss_coef=0.25`",
     "hpt_coef2": "HPT, `demonstration_loss_coef=2`",
+    "hpt_custom": "HPT with `custom_fields`",
 }
 
 # The metrics of the learning benchmark's paired differences (its final metrics hold more).
@@ -293,10 +294,15 @@ def learning_aggregate(
     return out
 
 
+def custom_label(settings: dict) -> str:
+    """The label of an `hpt_custom` method: its `custom_fields`."""
+    return "HPT, " + ", ".join(f"`{field}`" for field in settings["custom_fields"])
+
+
 def learning_config_label(settings: dict, method: str) -> str:
     """A learning method's label with the settings that parametrise it (`custom_fields`, `kl_beta`, the SFT share)."""
     if method == "hpt_custom":
-        return "HPT, " + ", ".join(f"`{field}`" for field in settings["custom_fields"])
+        return custom_label(settings)
     if method == "hpt_kl":
         return f"HPT, KL to the start (`beta={settings['kl_beta']:g}`)"
     if method == "sft_grpo":
@@ -815,9 +821,12 @@ def render_real_model(report: dict) -> str:
             "",
         ]
     )
+    labels = dict(REAL_MODEL_METHODS)
+    if "hpt_custom" in methods:
+        labels["hpt_custom"] = custom_label(settings)
     for method in methods:
         a = agg[method]
-        row = [REAL_MODEL_METHODS[method]]
+        row = [labels[method]]
         row += [
             f"{100 * a[m][0]:.1f} +- {100 * a[m][1]:.1f}"
             for m in ("greedy", *(f"pass@{k}" for k in ks), "boxed", "retention")
@@ -842,7 +851,7 @@ def render_real_model(report: dict) -> str:
     columns = [(h, m, _nats if m == "kl" else _points) for h, m in zip(headers, metrics)]
     lines += paired_tables(
         report.get("paired", {}),
-        REAL_MODEL_METHODS,
+        labels,
         "paired by seed, mean +- std over seeds (points; KL in nats)",
         columns,
         "ahead",

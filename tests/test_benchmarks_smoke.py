@@ -131,6 +131,24 @@ def test_settings_overrides_cast_to_the_field_types():
     }
 
 
+def test_custom_fields_read_literals_and_keep_other_values_as_strings():
+    from benchmarks.common import custom_fields, settings_overrides
+    from benchmarks.real_model import RealModelSettings
+
+    fields = ["demonstration_loss=sft_sequence_p", "demonstration_loss_coef=4.0", "switch_gate=0", "hpt_report=False"]
+    assert custom_fields(fields) == {
+        "demonstration_loss": "sft_sequence_p",
+        "demonstration_loss_coef": 4.0,
+        "switch_gate": 0,
+        "hpt_report": False,
+    }
+    with pytest.raises(ValueError, match="field=value"):
+        custom_fields(["demonstration_loss"])
+    # The real-model benchmark takes them as the learning benchmark does: one --set, comma-separated.
+    overrides = settings_overrides(RealModelSettings(), ["custom_fields=demonstration_loss=dft,switch_gate=0.25"])
+    assert overrides == {"custom_fields": ("demonstration_loss=dft", "switch_gate=0.25")}
+
+
 @pytest.mark.slow
 def test_speed_quick_writes_its_outputs(tmp_path):
     out_json, out_md = tmp_path / "speed.json", tmp_path / "speed.md"

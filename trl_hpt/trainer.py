@@ -185,7 +185,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         # Looked up before generation: TRL may merge rollout fields into the rows it is handed.
-        demos = [self.demonstrations.lookup(x) for x in inputs] if mode == "train" and self.demonstrations else None
+        demos = None
+        if mode == "train" and self.demonstrations is not None:
+            demos = [self.demonstrations.lookup(x) for x in inputs]
         self._hpt_gathered_rewards = None
         output = super()._generate_and_score_completions(inputs)
         rewards_per_func = self._hpt_gathered_rewards
@@ -259,6 +261,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         """
         layout = RowLayout.of(self.accelerator, len(inputs))
         rows, width = scoring_rows(placed, layout)
+        # Every rank scores `width` rows, padding with a repeat: reward models run the same forwards on every rank.
         filler = rows[0] if rows else next((i for i, d in enumerate(demos) if d.present), 0)
         scored = rows + [filler] * (width - len(rows))
         prompts = [inputs[i]["prompt"] for i in scored]
