@@ -709,11 +709,11 @@ def summarize(report: dict) -> dict:
     return report
 
 
-def same_settings(a: dict, b: dict) -> bool:
-    """Whether two runs' settings agree but for the number of seeds (tuples and JSON lists compare equal)."""
+def same_settings(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether two runs' settings agree but for the number of seeds and `ignore` (tuples and JSON lists compare equal)."""
 
     def comparable(settings):
-        return {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "seeds"}
+        return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ("seeds", *ignore)}
 
     return comparable(a) == comparable(b)
 
@@ -723,8 +723,8 @@ def merge_reports(reports: list[dict]) -> dict:
     One report from runs of the same configuration on disjoint seeds, or on disjoint methods of the same seeds (run
     side by side, one per process; a run stopped part-way contributes its partial file).
 
-    The settings (but for the number of seeds), model and device must agree; the base model's evaluation is
-    deterministic and taken from the first. A method measured twice for the same seed is an error; a seed that lacks
+    The settings (but for the number of seeds, and `custom_fields` in a run without `hpt_custom`), model and device
+    must agree; the base model's evaluation is deterministic and taken from the first. A method measured twice for the same seed is an error; a seed that lacks
     some method is left out, so that every reported seed pairs every method. `seconds` is the longest run's.
     """
     first = reports[0]
@@ -732,9 +732,15 @@ def merge_reports(reports: list[dict]) -> dict:
         for key in ("model_dir", "device", "quick"):
             if other[key] != first[key]:
                 raise ValueError(f"cannot merge runs whose {key!r} differ: {first[key]!r} vs {other[key]!r}")
-        if not same_settings(other["settings"], first["settings"]):
+        # custom_fields parametrise hpt_custom only.
+        if not same_settings(other["settings"], first["settings"], ignore=("custom_fields",)):
             raise ValueError("cannot merge runs with different settings (other than the number of seeds)")
+    customs = {tuple(r["settings"].get("custom_fields", ())) for r in reports if "hpt_custom" in r["methods"]}
+    if len(customs) > 1:
+        raise ValueError(f"cannot merge hpt_custom runs with different custom_fields: {sorted(customs)}")
     merged = copy.deepcopy(first)
+    if customs:
+        merged["settings"]["custom_fields"] = list(customs.pop())
     seeds: dict[str, dict] = {}
     for report in reports:
         for seed, records in report["results"]["seeds"].items():

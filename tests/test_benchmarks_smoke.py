@@ -235,3 +235,22 @@ def test_real_model_reports_of_disjoint_seeds_merge():
     )
     assert merged["methods"] == ["sft", "grpo", "hpt"] and list(merged["results"]["seeds"]) == ["0"]
     assert merged["left_out_seeds"] == ["1"] and merged["settings"]["seeds"] == 1
+
+
+def test_real_model_custom_runs_merge_with_runs_of_other_methods():
+    from benchmarks.real_model import merge_reports
+
+    grpo = _real_model_report([0, 1], methods=("grpo",))
+    grpo["settings"]["custom_fields"] = []
+    custom = _real_model_report([0, 1], methods=("hpt_custom",))
+    custom["settings"]["custom_fields"] = ["demonstration_loss=sft_sequence_p"]
+    merged = merge_reports([grpo, custom])
+    assert merged["methods"] == ["grpo", "hpt_custom"]
+    assert merged["settings"]["custom_fields"] == ["demonstration_loss=sft_sequence_p"]
+    other = _real_model_report([2], methods=("hpt_custom",))
+    other["settings"]["custom_fields"] = ["demonstration_loss=dft"]
+    with pytest.raises(ValueError, match="different custom_fields"):
+        merge_reports([custom, other])
+    grpo_steps = _real_model_report([0], methods=("grpo",), steps=5)
+    with pytest.raises(ValueError, match="different settings"):
+        merge_reports([grpo_steps, custom])
