@@ -689,7 +689,7 @@ def main(argv=None) -> dict:
         )
     report["paired"] = {
         reference: learning_paired(report["results"], args.methods, reference)
-        for reference in ("hpt", "hpt_lt", "hpt_solved", "hpt_coef2")
+        for reference in ("hpt", "hpt_lt", "hpt_solved", "hpt_coef2", "hpt_custom")
         if reference in args.methods and len(args.methods) > 1
     }
     report["seconds"] = time.time() - start
