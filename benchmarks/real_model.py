@@ -681,7 +681,8 @@ def main(argv=None) -> dict:
     base_results = None
     if args.base_from:
         earlier = read_json(Path(args.base_from))
-        if not same_settings(earlier["settings"], report["settings"]):
+        # The base model's measurements do not depend on custom_fields.
+        if not same_settings(earlier["settings"], report["settings"], ignore=("custom_fields",)):
             raise ValueError(f"--base-from {args.base_from}: its settings differ from this run's")
         base_results = earlier["results"]
     report["results"] = run(
