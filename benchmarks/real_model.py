@@ -711,7 +711,7 @@ def summarize(report: dict) -> dict:
 
 
 def same_settings(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> bool:
-    """Whether two runs' settings agree but for the number of seeds and `ignore` (tuples and JSON lists compare equal)."""
+    """Whether two runs' settings agree but for the seed count and `ignore` (tuples and JSON lists compare equal)."""
 
     def comparable(settings):
         return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ("seeds", *ignore)}
@@ -725,8 +725,9 @@ def merge_reports(reports: list[dict]) -> dict:
     side by side, one per process; a run stopped part-way contributes its partial file).
 
     The settings (but for the number of seeds, and `custom_fields` in a run without `hpt_custom`), model and device
-    must agree; the base model's evaluation is deterministic and taken from the first. A method measured twice for the same seed is an error; a seed that lacks
-    some method is left out, so that every reported seed pairs every method. `seconds` is the longest run's.
+    must agree; the base model's evaluation is deterministic and taken from the first. A method measured twice for
+    the same seed is an error; a seed that lacks some method is left out, so that every reported seed pairs every
+    method. `seconds` is the longest run's.
     """
     first = reports[0]
     for other in reports[1:]:

@@ -52,7 +52,8 @@ class HPTConfig(GRPOConfig):
         demonstration_loss_coef (`float`, *optional*, defaults to `1.0`):
             Coefficient of the demonstration term. Formerly `sft_loss_coef`.
         demonstration_loss (`str`, *optional*, defaults to `"sft"`):
-            Estimator preset for demonstration rows: `sft`, `luffy`, `srft`, `chord_phi`, `dft` or `sft_sequence_p`. Formerly `offline_loss`.
+            Estimator preset for demonstration rows: `sft`, `luffy`, `srft`, `chord_phi`, `dft` or
+            `sft_sequence_p`. Formerly `offline_loss`.
         demonstration_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             `gamma` of LUFFY's shaping `p / (p + gamma)`. Formerly `offline_shaping_gamma`.
         demonstration_aggregation (`str`, *optional*):
@@ -276,7 +277,7 @@ class HPTConfig(GRPOConfig):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             return cls(f"{name.split('/')[-1]}-HPT")
-        return args if isinstance(args, cls) else cls.from_grpo_config(args)
+        return cls.from_grpo_config(args)
 
     def check_trainer_setup(
         self, *, num_reward_funcs: int, uses_demonstrations: bool, deepspeed: bool, environments: bool
@@ -299,11 +300,12 @@ class HPTConfig(GRPOConfig):
                 "HPTConfig.skip_grad_norm_above is not supported with DeepSpeed, whose engine owns the gradients and "
                 "the optimizer step; use FSDP or DDP, or leave it None."
             )
-        if environments and get_preset(self.demonstration_loss).advantage == "group_mixed":
+        if environments and get_preset(self.demonstration_loss).mixes_group:
             raise ValueError(
                 f"HPTConfig.demonstration_loss={self.demonstration_loss!r} scores each demonstration with the reward "
                 "functions, but with environments a reward reads the state of the environment a rollout ran in, "
-                "which a demonstration never had. Use demonstration_loss='sft', 'chord_phi', 'dft' or 'sft_sequence_p' with environments."
+                "which a demonstration never had. Use demonstration_loss='sft', 'chord_phi', 'dft' or "
+                "'sft_sequence_p' with environments."
             )
 
     @classmethod

@@ -366,7 +366,9 @@ class DemonstrationStore:
         return self._cache[key]
 
 
-def demonstration_flags(demos: list[Demonstration] | None, num_rows: int, drop_truncated: bool, device=None):
+def demonstration_flags(
+    demos: list[Demonstration] | None, num_rows: int, drop_truncated: bool, device=None
+) -> torch.Tensor:
     """
     `(num_rows, 2)` booleans per row: whether its demonstration can be trained on (present, and not truncated when
     truncated completions are dropped, as a truncated rollout would be), and whether it was truncated. All False

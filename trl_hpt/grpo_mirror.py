@@ -37,7 +37,7 @@ class GRPOTokenTerms(NamedTuple):
     phi: torch.Tensor | None  # VESPO's gamma weight
 
     def rollout_modifiers(self, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """[`~trl_hpt.estimator.HybridBatch`]'s `ratio`, `rollout_token_scale` and `rollout_token_bias` (`kl_coef` KL)."""
+        """`HybridBatch`'s `ratio`, `rollout_token_scale` and `rollout_token_bias` (the KL times `kl_coef`)."""
         return self.ratio, self.scale, None if self.per_token_kl is None else kl_coef * self.per_token_kl
 
 

@@ -207,7 +207,9 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         decision = decide_gate(self.feedback_fn or self.args.feedback, accuracy, has_demo, self.args.switch_gate)
         placed = layout.last_slots(decision.placed)
         demonstration = layout.local(placed)
-        weights = layout.local(torch.where(placed, layout.per_row(decision.beta), layout.per_row(decision.alpha)))
+        weights = layout.local(
+            torch.where(placed, layout.per_row(decision.beta), layout.per_row(decision.alpha))
+        ).float()
 
         self._place_demonstrations(output, demonstration, demos)
         if self.demonstration_spec.mixes_group and bool(decision.placed.any()):
@@ -225,7 +227,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             output["advantages"] = output["advantages"] + self.args.solved_advantage * bonus.to(output["advantages"])
 
         self._record_gate(demos, accuracy, decision, num_generations)
-        metrics = gate_metrics(accuracy, decision, has_demo, truncated, accuracy == 1, gather(weights.float()))
+        metrics = gate_metrics(accuracy, decision, has_demo, truncated, accuracy == 1, gather(weights))
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
         if self._delegate_plain_batches and not self._uses_demonstrations:
@@ -233,7 +235,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         # Global counts after the swap: dapo/cispo/vespo normalise by them, and so does the separate SFT term.
         counts = batch_counts(loss_mask(output), demonstration, self.demonstration_spec, self._reduce_sum)
         output["num_items_in_batch"] = counts.policy_tokens
-        return attach_rows(output, demonstration, weights.float(), counts.policy_rows, counts.separate_tokens)
+        return attach_rows(output, demonstration, weights, counts.policy_rows, counts.separate_tokens)
 
     def _record_gate(self, demos, accuracy, decision, num_generations):
         index = [-1] * len(accuracy)
