@@ -75,6 +75,21 @@ class HPTConfig(GRPOConfig):
             with `c > 0` its rollouts train as SFT on the model's own correct answers with weight `c` (on-policy the
             gradient of `c` times their log-likelihood; clipped like any rollout when reused). `0`: off, as in the
             paper.
+        imitation_guard (`bool`, *optional*, defaults to `False`):
+            Scale the demonstration coefficient by whether imitation makes the policy forget its own correct
+            answers: a replay of verifier-accepted rollouts is re-scored before every update, and the scale grows by
+            `exp(imitation_guard_rate)` while their mean token log-probability holds (within
+            `imitation_guard_tolerance`) and shrinks by the same factor when it falls, within
+            `[imitation_guard_min, imitation_guard_max]`. `False`: a fixed coefficient, as in the paper.
+        imitation_guard_size (`int`, *optional*, defaults to `64`):
+            Correct rollouts kept in the guard's replay per process (the newest).
+        imitation_guard_rate (`float`, *optional*, defaults to `0.1`):
+            Log-step of the guard's scale per generation batch.
+        imitation_guard_start, imitation_guard_min, imitation_guard_max (`float`, *optional*):
+            The guard's first scale and its bounds, multiples of `demonstration_loss_coef` (defaults `1.0`, `0.05`
+            and `4.0`).
+        imitation_guard_tolerance (`float`, *optional*, defaults to `0.0`):
+            Drop of the replay's mean token log-probability (nats) that still counts as holding.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -164,6 +179,37 @@ class HPTConfig(GRPOConfig):
             "help": "Advantage given to the correct rollouts of a solved prompt (P = 1: every scored rollout correct), "
             "whose group otherwise has advantage 0 and no gradient: c > 0 trains them as SFT on the model's own "
             "correct answers with weight c, so that what the model already solves is kept. 0: off (the paper)."
+        },
+    )
+    imitation_guard: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale the demonstration coefficient by whether imitation makes the policy forget its own correct "
+            "answers: a replay of verifier-accepted rollouts is re-scored before every update; the scale grows by "
+            "exp(imitation_guard_rate) while their mean token log-probability holds and shrinks when it falls, within "
+            "[imitation_guard_min, imitation_guard_max]. False: a fixed coefficient (the paper)."
+        },
+    )
+    imitation_guard_size: int = field(
+        default=64, metadata={"help": "Correct rollouts kept in the imitation guard's replay, per process (newest)."}
+    )
+    imitation_guard_rate: float = field(
+        default=0.1, metadata={"help": "Log-step of the imitation guard's scale per generation batch."}
+    )
+    imitation_guard_start: float = field(
+        default=1.0, metadata={"help": "First scale of demonstration_loss_coef under the imitation guard."}
+    )
+    imitation_guard_min: float = field(
+        default=0.05, metadata={"help": "Lower bound of the imitation guard's scale of demonstration_loss_coef."}
+    )
+    imitation_guard_max: float = field(
+        default=4.0, metadata={"help": "Upper bound of the imitation guard's scale of demonstration_loss_coef."}
+    )
+    imitation_guard_tolerance: float = field(
+        default=0.0,
+        metadata={
+            "help": "Drop of the replay's mean token log-probability (nats) that the imitation guard still counts as "
+            "holding."
         },
     )
     max_demonstration_length: int | None = field(
@@ -264,6 +310,25 @@ class HPTConfig(GRPOConfig):
             raise ValueError(
                 f"HPTConfig.max_demonstration_length must be a positive number of tokens or None, got "
                 f"{self.max_demonstration_length}."
+            )
+        if self.imitation_guard_size < 1:
+            raise ValueError(f"HPTConfig.imitation_guard_size must be >= 1, got {self.imitation_guard_size}.")
+        if not (math.isfinite(self.imitation_guard_rate) and self.imitation_guard_rate > 0):
+            raise ValueError(f"HPTConfig.imitation_guard_rate must be > 0, got {self.imitation_guard_rate}.")
+        if not 0 < self.imitation_guard_min <= self.imitation_guard_start <= self.imitation_guard_max < math.inf:
+            raise ValueError(
+                "HPTConfig.imitation_guard_min, imitation_guard_start and imitation_guard_max must satisfy 0 < min <= "
+                f"start <= max < inf, got {self.imitation_guard_min}, {self.imitation_guard_start} and "
+                f"{self.imitation_guard_max}."
+            )
+        if self.imitation_guard_tolerance < 0:
+            raise ValueError(
+                f"HPTConfig.imitation_guard_tolerance must be >= 0, got {self.imitation_guard_tolerance}."
+            )
+        if self.imitation_guard and self.feedback == "rl":
+            raise ValueError(
+                "HPTConfig.imitation_guard scales the demonstration term, which feedback='rl' does not have; "
+                "set imitation_guard=False or choose another feedback."
             )
         if self.demonstration_column in ("prompt", ""):
             raise ValueError(f"HPTConfig.demonstration_column cannot be {self.demonstration_column!r}.")

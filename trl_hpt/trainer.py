@@ -49,6 +49,7 @@ from trl_hpt.feedback import (
     verifier_rewards,
 )
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
+from trl_hpt.guard import ImitationGuard
 from trl_hpt.model_card import complete_model_card, model_card_names
 from trl_hpt.models import resolve_model_init
 
@@ -165,6 +166,18 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             self.add_callback(HPTReportCallback(self))
         # Tokenised once, with the processing class and chat template generation uses; the rows stay as given.
         self.demonstrations = DemonstrationStore.for_trainer(self) if self._uses_demonstrations else None
+        self.imitation_guard = (
+            ImitationGuard(
+                args.imitation_guard_size,
+                args.imitation_guard_rate,
+                args.imitation_guard_min,
+                args.imitation_guard_max,
+                args.imitation_guard_tolerance,
+                scale=args.imitation_guard_start,
+            )
+            if args.imitation_guard and self._uses_demonstrations
+            else None
+        )
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         # TRL names the card after the Hub id only: a model trained from a local directory would read "None".
@@ -197,6 +210,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         self._metrics[mode]["hpt/prompt_accuracy"].append(accuracy.nanmean().nan_to_num(0.0).item())
         if mode == "eval":
             return output
+        if self.imitation_guard is not None:
+            self._guard_step(output, verifier, num_generations)
         return self._mix_demonstrations(output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations)
 
     def _mix_demonstrations(self, output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations):
@@ -207,9 +222,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         decision = decide_gate(self.feedback_fn or self.args.feedback, accuracy, has_demo, self.args.switch_gate)
         placed = layout.last_slots(decision.placed)
         demonstration = layout.local(placed)
-        weights = layout.local(
-            torch.where(placed, layout.per_row(decision.beta), layout.per_row(decision.alpha))
-        ).float()
+        beta = decision.beta * (self.imitation_guard.scale if self.imitation_guard is not None else 1.0)
+        weights = layout.local(torch.where(placed, layout.per_row(beta), layout.per_row(decision.alpha))).float()
 
         self._place_demonstrations(output, demonstration, demos)
         if self.demonstration_spec.mixes_group and bool(decision.placed.any()):
@@ -236,6 +250,48 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         counts = batch_counts(loss_mask(output), demonstration, self.demonstration_spec, self._reduce_sum)
         output["num_items_in_batch"] = counts.policy_tokens
         return attach_rows(output, demonstration, weights, counts.policy_rows, counts.separate_tokens)
+
+    def _guard_step(self, output, verifier, num_generations):
+        """
+        The imitation guard before this generation batch's update: re-score the replay (one forward per process, with
+        equal row counts so that sharded models stay in step), update the scale from the drift summed over
+        processes, then add this batch's correct rollouts.
+        """
+        guard, device = self.imitation_guard, output["completion_ids"].device
+        rows = len(guard.entries)
+        most = int(gather(torch.tensor([rows], device=device)).max())
+        drift_sum, count = 0.0, 0
+        if most:
+            pad = self._tokenizer.pad_token_id
+            replay = guard.inputs(pad, device)
+            if replay is None:  # an empty replay here, not elsewhere: score a stand-in row to keep forwards equal
+                replay = (
+                    torch.full((1, 2), pad, device=device),
+                    torch.ones(1, 2, dtype=torch.long, device=device),
+                    torch.zeros(1, 1, dtype=torch.long, device=device),
+                )
+            ids, attention, completion_mask = replay
+            repeat = -(-most // ids.size(0))  # pad the row count to the largest replay by repeating rows
+            ids, attention = ids.repeat(repeat, 1)[:most], attention.repeat(repeat, 1)[:most]
+            with torch.no_grad():
+                logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, ids, attention, completion_mask.size(1), self.args.per_device_train_batch_size
+                )
+            if rows:
+                drift_sum, count = guard.measure(logps[:rows], completion_mask)
+        totals = self._reduce_sum(torch.tensor([drift_sum, float(count)], device=device))
+        scale = guard.update(float(totals[0]), int(totals[1]))
+        layout = RowLayout.of(self.accelerator, output["completion_ids"].size(0), num_generations)
+        correct = layout.local(verifier >= self.args.success_threshold)
+        for i in correct.nonzero(as_tuple=True)[0].tolist():
+            guard.add(
+                output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist(),
+                output["completion_ids"][i][output["completion_mask"][i].bool()].tolist(),
+            )
+        metrics = self._metrics["train"]
+        metrics["hpt/imitation_scale"].append(scale)
+        if int(totals[1]):
+            metrics["hpt/replay_drift"].append(float(totals[0]) / int(totals[1]))
 
     def _record_gate(self, demos, accuracy, decision, num_generations):
         index = [-1] * len(accuracy)

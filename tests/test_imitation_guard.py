@@ -1,0 +1,115 @@
+"""`imitation_guard`: the demonstration coefficient scaled by the drift of a replay of the policy's correct rollouts."""
+
+import math
+
+import pytest
+import torch
+
+from trl_hpt.batch import hpt_rows
+from trl_hpt.config import HPTConfig
+from trl_hpt.guard import ImitationGuard, next_scale, replay_drift
+from trl_hpt.testing import PAIRS, addition_rows, generation_batch, make_trainer, slot_reward
+
+
+G = 4
+
+
+def test_next_scale_steps_up_while_the_replay_holds_and_down_when_it_falls():
+    up, down = math.exp(0.1), math.exp(-0.1)
+    assert next_scale(1.0, 0.0, 0.1, 0.05, 4.0, 0.0) == pytest.approx(up)
+    assert next_scale(1.0, -0.01, 0.1, 0.05, 4.0, 0.0) == pytest.approx(down)
+    assert next_scale(1.0, -0.01, 0.1, 0.05, 4.0, 0.02) == pytest.approx(up)  # within the tolerance
+    assert next_scale(3.9, 1.0, 0.1, 0.05, 4.0, 0.0) == 4.0  # clipped
+    assert next_scale(0.051, -1.0, 0.1, 0.05, 4.0, 0.0) == 0.05
+    assert next_scale(0.7, float("nan"), 0.1, 0.05, 4.0, 0.0) == 0.7  # nothing measured
+
+
+def test_replay_drift_skips_entries_without_a_baseline():
+    now = torch.tensor([-1.0, -2.0, -0.5])
+    baselines = torch.tensor([-0.5, float("nan"), -1.0])
+    total, count = replay_drift(now, baselines)
+    assert count == 2 and total == pytest.approx(-0.5 + 0.5)
+
+
+def test_replay_is_fifo_and_laid_out_like_a_grpo_batch():
+    guard = ImitationGuard(capacity=2, rate=0.1, min_scale=0.05, max_scale=4.0)
+    guard.add([5], [7, 8])
+    guard.add([1, 2], [3])
+    guard.add([4], [])  # an empty completion is not kept
+    guard.add([9, 9, 9], [6])
+    assert [entry[:2] for entry in guard.entries] == [[[1, 2], [3]], [[9, 9, 9], [6]]]
+    ids, attention, completion_mask = guard.inputs(pad_token_id=0, device="cpu")
+    assert ids.tolist() == [[0, 1, 2, 3], [9, 9, 9, 6]]  # prompts left-padded, completions right-padded
+    assert attention.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert completion_mask.tolist() == [[1], [1]]
+
+    logps = torch.tensor([[-1.0], [-3.0]])
+    assert guard.measure(logps, completion_mask) == (0.0, 0)  # first measurement: baselines only
+    assert guard.measure(logps - 0.5, completion_mask) == (pytest.approx(-1.0), 2)
+    assert [entry[2] for entry in guard.entries] == [-1.0, -3.0]  # baselines kept from their first measurement
+
+
+def _trainer(tmp_path, tokenizer, counts, **overrides):
+    rows = addition_rows(PAIRS)
+    return make_trainer(tmp_path, tokenizer, rows, slot_reward(rows, counts, G, wrong=0.0), **overrides)
+
+
+def test_trainer_scales_the_demonstration_rows_and_reads_the_drift(tmp_path, char_tokenizer):
+    counts = [0, 1, 2, 0]  # prompts 0 and 3 go to SFT; 3 correct rollouts enter the replay per batch
+    trainer = _trainer(tmp_path, char_tokenizer, counts, imitation_guard=True, imitation_guard_rate=0.2)
+    guard = trainer.imitation_guard
+    torch.manual_seed(0)
+    first = generation_batch(trainer, G)
+    assert len(guard.entries) == 3 and guard.scale == 1.0  # nothing measured yet
+    rows = hpt_rows(first)
+    assert rows.weights[rows.demonstration].tolist() == [1.0, 1.0]
+
+    generation_batch(trainer, G)  # the first entries take their baselines
+    assert guard.scale == 1.0 and len(guard.entries) == 6
+    baselines = torch.tensor([entry[2] for entry in list(guard.entries)[:3]])
+    assert torch.isfinite(baselines).all()
+
+    # Move the policy, then check the drift the trainer logs against the replay scored by hand.
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, attention, completion_mask = guard.inputs(char_tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, attention, completion_mask.size(1)
+        )
+    mask = completion_mask.float()
+    now = ((logps * mask).sum(-1) / mask.sum(-1))[:6]
+    measured = torch.tensor([entry[2] for entry in guard.entries])
+    expected = float((now - measured)[torch.isfinite(measured)].mean())
+    third = generation_batch(trainer, G)
+    assert trainer._metrics["train"]["hpt/replay_drift"][-1] == pytest.approx(expected, abs=1e-5)
+    scale = math.exp(0.2) if expected >= 0 else math.exp(-0.2)
+    assert guard.scale == pytest.approx(scale)
+    assert trainer._metrics["train"]["hpt/imitation_scale"][-1] == pytest.approx(scale)
+    rows = hpt_rows(third)
+    torch.testing.assert_close(rows.weights[rows.demonstration], torch.full((2,), scale))
+
+
+def test_off_by_default_and_validated(tmp_path, char_tokenizer):
+    config = HPTConfig(str(tmp_path), use_cpu=True)
+    assert config.imitation_guard is False
+    trainer = _trainer(tmp_path, char_tokenizer, [0, 1, 2, 0])
+    assert trainer.imitation_guard is None
+    started = _trainer(tmp_path / "s", char_tokenizer, [0, 1, 2, 0], imitation_guard=True, imitation_guard_start=0.1)
+    assert started.imitation_guard.scale == 0.1
+    rows = hpt_rows(generation_batch(started, G))
+    torch.testing.assert_close(rows.weights[rows.demonstration], torch.full((2,), 0.1))
+    for field, bad in [
+        ("imitation_guard_size", 0),
+        ("imitation_guard_rate", 0.0),
+        ("imitation_guard_min", 0.0),
+        ("imitation_guard_min", 1.5),
+        ("imitation_guard_max", 0.5),
+        ("imitation_guard_start", 5.0),
+        ("imitation_guard_tolerance", -0.1),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            HPTConfig(str(tmp_path), use_cpu=True, **{field: bad})
+    with pytest.raises(ValueError, match="imitation_guard.*feedback='rl'"):
+        HPTConfig(str(tmp_path), use_cpu=True, imitation_guard=True, feedback="rl")

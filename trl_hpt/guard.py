@@ -1,0 +1,109 @@
+"""
+The imitation guard: the demonstration coefficient scaled by whether imitation makes the policy forget its own
+correct answers.
+
+HPT's gate decides *where* to imitate (prompts no rollout solves) but not *how much*, and how much imitation helps
+depends on the demonstrations: in the model's own style they teach what RL cannot find, in a foreign style they also
+overwrite what the model already does right. The guard reads that harm directly. It keeps a replay of the policy's
+own verifier-accepted rollouts, with the mean token log-probability each had when it entered, and before every
+generation batch's update measures how far the current policy has moved on them (the *drift*, in nats per token).
+When the replay holds its ground (drift >= -tolerance) the demonstration coefficient grows by `exp(rate)`, when the
+policy is losing it the coefficient shrinks by the same factor, within `[min_scale, max_scale]` times
+`demonstration_loss_coef`. In the estimator's terms the scale multiplies `A_hat` of the demonstration rows only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+__all__ = ["ImitationGuard", "next_scale", "replay_drift"]
+
+
+def next_scale(scale: float, drift: float, rate: float, min_scale: float, max_scale: float, tolerance: float) -> float:
+    """
+    The guard's multiplicative step: `scale * exp(rate)` when `drift >= -tolerance` (the replay kept), `scale *
+    exp(-rate)` when it fell further, clipped to `[min_scale, max_scale]`; unchanged when nothing was measured
+    (`drift` is NaN).
+    """
+    if math.isnan(drift):
+        return scale
+    step = rate if drift >= -tolerance else -rate
+    return min(max(scale * math.exp(step), min_scale), max_scale)
+
+
+def replay_drift(mean_logps: torch.Tensor, baselines: torch.Tensor) -> tuple[float, int]:
+    """
+    `(sum of drifts, count)` over the replay entries that have a baseline (finite `baselines`): each entry's mean
+    token log-probability now minus when it entered. Summed, not averaged, so that processes can add theirs up.
+    """
+    known = torch.isfinite(baselines)
+    return float((mean_logps[known] - baselines[known]).sum()), int(known.sum())
+
+
+@dataclass
+class ImitationGuard:
+    """
+    One process's replay of correct rollouts and the scale of the demonstration coefficient (see the module
+    docstring). `capacity` entries are kept, the newest first out last (FIFO).
+    """
+
+    capacity: int
+    rate: float
+    min_scale: float
+    max_scale: float
+    tolerance: float = 0.0
+    scale: float = 1.0
+    entries: deque = field(default_factory=deque)
+
+    def add(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> None:
+        """A correct rollout enters the replay; its baseline is its log-probability at the next measurement."""
+        if not completion_ids:
+            return
+        self.entries.append([list(prompt_ids), list(completion_ids), float("nan")])
+        while len(self.entries) > self.capacity:
+            self.entries.popleft()
+
+    def inputs(self, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """
+        `(input_ids, attention_mask, completion_mask)` of the replay, prompts left-padded and completions
+        right-padded as `GRPOTrainer` lays out a batch; `None` when the replay is empty.
+        """
+        if not self.entries:
+            return None
+        prompt_len = max(len(p) for p, _, _ in self.entries)
+        completion_len = max(len(c) for _, c, _ in self.entries)
+        ids, attention, completion_mask = [], [], []
+        for prompt, completion, _ in self.entries:
+            left = prompt_len - len(prompt)
+            right = completion_len - len(completion)
+            ids.append([pad_token_id] * left + prompt + completion + [pad_token_id] * right)
+            attention.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+            completion_mask.append([1] * len(completion) + [0] * right)
+        return tuple(torch.tensor(rows, dtype=torch.long, device=device) for rows in (ids, attention, completion_mask))
+
+    def measure(self, per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[float, int]:
+        """
+        Records the replay's mean token log-probabilities under the current policy: entries without a baseline take
+        it as theirs; returns [`replay_drift`] over the others.
+        """
+        mask = completion_mask.to(per_token_logps.dtype)
+        mean = (per_token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        mean = mean.detach().float().cpu()
+        baselines = torch.tensor([entry[2] for entry in self.entries], dtype=torch.float32)
+        drift = replay_drift(mean, baselines)
+        for entry, value, had in zip(self.entries, mean.tolist(), torch.isfinite(baselines).tolist()):
+            if not had:
+                entry[2] = value
+        return drift
+
+    def update(self, drift_sum: float, count: int) -> float:
+        """The next scale from the summed drift of `count` entries (over every process); returns it."""
+        drift = drift_sum / count if count else float("nan")
+        self.scale = next_scale(self.scale, drift, self.rate, self.min_scale, self.max_scale, self.tolerance)
+        return self.scale
