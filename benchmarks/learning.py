@@ -373,12 +373,15 @@ class _History:
                             logs.get("hpt/prompt_accuracy", float("nan")),
                         )
                     )
+                if logs and "hpt/imitation_scale" in logs:
+                    history.imitation_scale.append((step_offset + state.global_step, logs["hpt/imitation_scale"]))
                 if logs and "completions/mean_length" in logs:
                     history.generated_tokens += logs["completions/mean_length"] * history.rows_per_step
 
         self.callback = _Callback()
         self.curve: list[tuple[int, float]] = []
         self.gate: list[tuple[int, float, float]] = []
+        self.imitation_scale: list[tuple[int, float]] = []  # imitation_guard's scale, when it is on
         self.generated_tokens = 0.0
         self.rows_per_step = settings.prompts_per_step * settings.num_generations
 
@@ -491,7 +494,10 @@ def run_method(method: str, model, tokenizer, dataset, held_out, settings: Learn
         history.generated_tokens += second.generated_tokens
     else:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    return {"curve": history.curve, "gate": history.gate, "generated_tokens": round(history.generated_tokens)}
+    record = {"curve": history.curve, "gate": history.gate, "generated_tokens": round(history.generated_tokens)}
+    if history.imitation_scale:
+        record["imitation_scale"] = history.imitation_scale
+    return record
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -389,6 +389,8 @@ class _Recorder:
                         "hpt/sft_fraction",
                         "hpt/solved_fraction",
                         "hpt/prompt_accuracy",
+                        "hpt/imitation_scale",
+                        "hpt/replay_drift",
                         "completions/mean_length",
                     )
                     recorder.logs.append({k: logs[k] for k in keep if k in logs})

@@ -1,5 +1,6 @@
 """`imitation_guard`: the demonstration coefficient scaled by the drift of a replay of the policy's correct rollouts."""
 
+import json
 import math
 
 import pytest
@@ -31,12 +32,12 @@ def test_replay_drift_skips_entries_without_a_baseline():
     assert count == 2 and total == pytest.approx(-0.5 + 0.5)
 
 
-def test_replay_is_fifo_and_laid_out_like_a_grpo_batch():
+def test_replay_keeps_the_first_rollouts_laid_out_like_a_grpo_batch():
     guard = ImitationGuard(capacity=2, rate=0.1, min_scale=0.05, max_scale=4.0)
-    guard.add([5], [7, 8])
-    guard.add([1, 2], [3])
-    guard.add([4], [])  # an empty completion is not kept
-    guard.add([9, 9, 9], [6])
+    assert not guard.add([4], [])  # an empty completion is not kept
+    assert guard.add([1, 2], [3])
+    assert guard.add([9, 9, 9], [6])
+    assert not guard.add([5], [7, 8])  # full: the first ones stay
     assert [entry[:2] for entry in guard.entries] == [[[1, 2], [3]], [[9, 9, 9], [6]]]
     ids, attention, completion_mask = guard.inputs(pad_token_id=0, device="cpu")
     assert ids.tolist() == [[0, 1, 2, 3], [9, 9, 9, 6]]  # prompts left-padded, completions right-padded
@@ -113,3 +114,21 @@ def test_off_by_default_and_validated(tmp_path, char_tokenizer):
             HPTConfig(str(tmp_path), use_cpu=True, **{field: bad})
     with pytest.raises(ValueError, match="imitation_guard.*feedback='rl'"):
         HPTConfig(str(tmp_path), use_cpu=True, imitation_guard=True, feedback="rl")
+
+
+def test_the_guard_resumes_with_its_checkpoint(tmp_path, char_tokenizer):
+    run = dict(max_steps=4, save_strategy="steps", save_steps=2, imitation_guard=True, imitation_guard_rate=0.3)
+    trainer = _trainer(tmp_path / "a", char_tokenizer, [0, 1, 2, 0], **run)
+    trainer.train()
+    saved = json.loads((tmp_path / "a" / "checkpoint-2" / "hpt_imitation_guard-0.json").read_text())
+    assert len(saved["entries"]) == 6  # 3 correct rollouts per generation batch, two batches
+    scales = [h["hpt/imitation_scale"] for h in trainer.state.log_history if "hpt/imitation_scale" in h]
+    assert saved["scale"] == pytest.approx(scales[1])
+
+    resumed = _trainer(tmp_path / "a", char_tokenizer, [0, 1, 2, 0], **run)
+    loaded = []
+    original = resumed.imitation_guard.load_state_dict
+    resumed.imitation_guard.load_state_dict = lambda state: (loaded.append(state), original(state))
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint, checkpoint-4
+    assert loaded and loaded[0]["scale"] == pytest.approx(scales[3])
+    assert resumed.state.global_step == 4

@@ -82,7 +82,7 @@ class HPTConfig(GRPOConfig):
             `imitation_guard_tolerance`) and shrinks by the same factor when it falls, within
             `[imitation_guard_min, imitation_guard_max]`. `False`: a fixed coefficient, as in the paper.
         imitation_guard_size (`int`, *optional*, defaults to `64`):
-            Correct rollouts kept in the guard's replay per process (the newest).
+            Correct rollouts kept in the guard's replay per process: the first ones, whose drift shows forgetting.
         imitation_guard_rate (`float`, *optional*, defaults to `0.1`):
             Log-step of the guard's scale per generation batch.
         imitation_guard_start, imitation_guard_min, imitation_guard_max (`float`, *optional*):
@@ -191,7 +191,10 @@ class HPTConfig(GRPOConfig):
         },
     )
     imitation_guard_size: int = field(
-        default=64, metadata={"help": "Correct rollouts kept in the imitation guard's replay, per process (newest)."}
+        default=64,
+        metadata={
+            "help": "Correct rollouts kept in the imitation guard's replay, per process: the first ones the policy produces."
+        },
     )
     imitation_guard_rate: float = field(
         default=0.1, metadata={"help": "Log-step of the imitation guard's scale per generation batch."}

@@ -5,8 +5,9 @@ correct answers.
 HPT's gate decides *where* to imitate (prompts no rollout solves) but not *how much*, and how much imitation helps
 depends on the demonstrations: in the model's own style they teach what RL cannot find, in a foreign style they also
 overwrite what the model already does right. The guard reads that harm directly. It keeps a replay of the policy's
-own verifier-accepted rollouts, with the mean token log-probability each had when it entered, and before every
-generation batch's update measures how far the current policy has moved on them (the *drift*, in nats per token).
+own verifier-accepted rollouts (the first ones it produced), with the mean token log-probability each had when it
+entered, and before every generation batch's update measures how far the current policy has moved on them since (the
+*drift*, in nats per token).
 When the replay holds its ground (drift >= -tolerance) the demonstration coefficient grows by `exp(rate)`, when the
 policy is losing it the coefficient shrinks by the same factor, within `[min_scale, max_scale]` times
 `demonstration_loss_coef`. In the estimator's terms the scale multiplies `A_hat` of the demonstration rows only.
@@ -14,7 +15,9 @@ policy is losing it the coefficient shrinks by the same factor, within `[min_sca
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-__all__ = ["ImitationGuard", "next_scale", "replay_drift"]
+__all__ = ["ImitationGuard", "guard_state_path", "next_scale", "replay_drift"]
 
 
 def next_scale(scale: float, drift: float, rate: float, min_scale: float, max_scale: float, tolerance: float) -> float:
@@ -50,7 +53,7 @@ def replay_drift(mean_logps: torch.Tensor, baselines: torch.Tensor) -> tuple[flo
 class ImitationGuard:
     """
     One process's replay of correct rollouts and the scale of the demonstration coefficient (see the module
-    docstring). `capacity` entries are kept, the newest first out last (FIFO).
+    docstring). The first `capacity` correct rollouts are kept.
     """
 
     capacity: int
@@ -61,13 +64,16 @@ class ImitationGuard:
     scale: float = 1.0
     entries: deque = field(default_factory=deque)
 
-    def add(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> None:
-        """A correct rollout enters the replay; its baseline is its log-probability at the next measurement."""
-        if not completion_ids:
-            return
+    def add(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> bool:
+        """
+        A correct rollout enters the replay while it has room (the first `capacity` stay: the replay measures drift
+        from what the policy could do early on, where forgetting shows); its baseline is its mean token
+        log-probability at the next measurement. Returns whether it entered.
+        """
+        if not completion_ids or len(self.entries) >= self.capacity:
+            return False
         self.entries.append([list(prompt_ids), list(completion_ids), float("nan")])
-        while len(self.entries) > self.capacity:
-            self.entries.popleft()
+        return True
 
     def inputs(self, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """
@@ -107,3 +113,28 @@ class ImitationGuard:
         drift = drift_sum / count if count else float("nan")
         self.scale = next_scale(self.scale, drift, self.rate, self.min_scale, self.max_scale, self.tolerance)
         return self.scale
+
+    def state_dict(self) -> dict:
+        """The scale and the replay (prompts, completions, baselines), for a checkpoint."""
+        return {"scale": self.scale, "entries": [list(entry) for entry in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.entries = deque([list(entry) for entry in state["entries"]][-self.capacity :])
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.state_dict(), f)
+
+    def load(self, path: str | os.PathLike) -> bool:
+        """Restores a saved state; `False` (and nothing changed) when `path` does not exist."""
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            self.load_state_dict(json.load(f))
+        return True
+
+
+def guard_state_path(checkpoint: str | os.PathLike, process_index: int) -> str:
+    """Where a checkpoint keeps one process's imitation guard (each process has its own replay)."""
+    return os.path.join(checkpoint, f"hpt_imitation_guard-{process_index}.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from functools import partial
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 import trl
 from accelerate.utils import gather
 from packaging.version import Version
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_hpt.batch import (
@@ -49,10 +52,12 @@ from trl_hpt.feedback import (
     verifier_rewards,
 )
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
-from trl_hpt.guard import ImitationGuard
+from trl_hpt.guard import ImitationGuard, guard_state_path
 from trl_hpt.model_card import complete_model_card, model_card_names
 from trl_hpt.models import resolve_model_init
 
+
+logger = logging.get_logger(__name__)
 
 # HPTTrainer overrides GRPOTrainer internals (listed in its docstring); it is tested against this TRL range.
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))
@@ -179,6 +184,26 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             else None
         )
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # The imitation guard's scale and replay resume with the checkpoint (Trainer restores no trainer state).
+        if self.imitation_guard is not None and resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            path = guard_state_path(checkpoint, self.accelerator.process_index) if checkpoint else None
+            if path is None or not self.imitation_guard.load(path):
+                logger.warning(f"No imitation guard state in {checkpoint}: the guard starts afresh.")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.imitation_guard is not None:
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            if os.path.isdir(checkpoint):
+                self.imitation_guard.save(guard_state_path(checkpoint, self.accelerator.process_index))
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         # TRL names the card after the Hub id only: a model trained from a local directory would read "None".
         names = model_card_names(self, model_name)
@@ -284,6 +309,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         layout = RowLayout.of(self.accelerator, output["completion_ids"].size(0), num_generations)
         correct = layout.local(verifier >= self.args.success_threshold)
         for i in correct.nonzero(as_tuple=True)[0].tolist():
+            if len(guard.entries) >= guard.capacity:
+                break
             guard.add(
                 output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist(),
                 output["completion_ids"][i][output["completion_mask"][i].bool()].tolist(),
