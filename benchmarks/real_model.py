@@ -721,19 +721,33 @@ def same_settings(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> bool:
     return comparable(a) == comparable(b)
 
 
+def model_identity(model_dir: str) -> str:
+    """
+    The model a run used, without the conversion cache's key: a converted GGUF's directory ends in `-<16 hex
+    digits>`, a hash of the file's path, size and modification time, which a fresh install of the same wheel changes.
+    """
+    name = Path(model_dir).name
+    stem, _, key = name.rpartition("-")
+    return stem if stem and len(key) == 16 and all(c in "0123456789abcdef" for c in key) else name
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """
     One report from runs of the same configuration on disjoint seeds, or on disjoint methods of the same seeds (run
     side by side, one per process; a run stopped part-way contributes its partial file).
 
-    The settings (but for the number of seeds, and `custom_fields` in a run without `hpt_custom`), model and device
-    must agree; the base model's evaluation is deterministic and taken from the first. A method measured twice for
+    The settings (but for the number of seeds, and `custom_fields` in a run without `hpt_custom`), model
+    ([`model_identity`]: the same GGUF converted on another install merges) and device must agree; the base model's evaluation is deterministic and taken from the first. A method measured twice for
     the same seed is an error; a seed that lacks some method is left out, so that every reported seed pairs every
     method. `seconds` is the longest run's.
     """
     first = reports[0]
     for other in reports[1:]:
-        for key in ("model_dir", "device", "quick"):
+        if model_identity(other["model_dir"]) != model_identity(first["model_dir"]):
+            raise ValueError(
+                f"cannot merge runs of different models: {first['model_dir']!r} vs {other['model_dir']!r}"
+            )
+        for key in ("device", "quick"):
             if other[key] != first[key]:
                 raise ValueError(f"cannot merge runs whose {key!r} differ: {first[key]!r} vs {other[key]!r}")
         # custom_fields parametrise hpt_custom only.

@@ -237,6 +237,20 @@ def test_real_model_reports_of_disjoint_seeds_merge():
     assert merged["left_out_seeds"] == ["1"] and merged["settings"]["seeds"] == 1
 
 
+def test_real_model_reports_of_one_gguf_converted_twice_merge():
+    from benchmarks.real_model import merge_reports, model_identity
+
+    cache = "/root/.cache/trl_hpt/gguf/SmolLM2-135M-Instruct.Q4_1-"
+    assert model_identity(cache + "810b053bd9a29ba3") == model_identity(cache + "183571ae1584b4a7")
+    assert model_identity("/models/my-model") == "my-model"  # no cache key: the name as it is
+    a, b = _real_model_report([0]), _real_model_report([1])
+    a["model_dir"], b["model_dir"] = cache + "810b053bd9a29ba3", cache + "183571ae1584b4a7"
+    assert sorted(merge_reports([a, b])["results"]["seeds"]) == ["0", "1"]
+    b["model_dir"] = "/models/other"
+    with pytest.raises(ValueError, match="different models"):
+        merge_reports([a, b])
+
+
 def test_real_model_custom_runs_merge_with_runs_of_other_methods():
     from benchmarks.real_model import merge_reports
 
