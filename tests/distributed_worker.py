@@ -109,6 +109,8 @@ def build_trainer(case: dict, output_dir: str):
         feedback=feedback,
         demonstration_loss="luffy" if mode == "soft_luffy" else "sft",
         demonstration_aggregation=case.get("demonstration_aggregation"),
+        imitation_guard=case.get("imitation_guard", False),
+        imitation_guard_rate=0.3,
         loss_type=case["loss_type"],
         per_device_train_batch_size=case["per_device_batch"],
         num_generations=case["num_generations"],

@@ -66,6 +66,8 @@ CASES = [
         **SPANNING,
     },
     {"name": "rl-grpo", "mode": "rl", "loss_type": "grpo", **SPANNING},
+    # The imitation guard: replays of unequal size per rank, scored with equal forwards; one drift over all of them.
+    {"name": "switch-guard", "mode": "switch", "loss_type": "dapo", "imitation_guard": True, **SPANNING},
     # One group of 4 per step, 2 rows per rank, never solved: rank 0 holds only zero-weight rollouts (alpha = 0) and
     # the demonstration goes to rank 1, which owns the group's last slot.
     {
@@ -92,6 +94,8 @@ LOGGED = (
     "hpt/skipped_rows",
     "hpt/rl_loss",
     "hpt/demonstration_loss",
+    "hpt/imitation_scale",
+    "hpt/replay_drift",
 )
 
 
@@ -282,3 +286,10 @@ def test_logged_metrics_equal_the_single_process_run(runs, name):
         for key in LOGGED:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_the_imitation_guard_measures_over_every_rank(runs):
+    logs = runs["switch-guard"]["two"]["ranks"][0]["logs"]
+    # Step 1 fills the replays, step 2 takes their baselines, step 3 measures a drift and moves the scale.
+    assert [round(h["hpt/imitation_scale"], 6) for h in logs[:2]] == [1.0, 1.0]
+    assert "hpt/replay_drift" in logs[2] and logs[2]["hpt/imitation_scale"] != 1.0
