@@ -737,9 +737,10 @@ def merge_reports(reports: list[dict]) -> dict:
     side by side, one per process; a run stopped part-way contributes its partial file).
 
     The settings (but for the number of seeds, and `custom_fields` in a run without `hpt_custom`), model
-    ([`model_identity`]: the same GGUF converted on another install merges) and device must agree; the base model's evaluation is deterministic and taken from the first. A method measured twice for
-    the same seed is an error; a seed that lacks some method is left out, so that every reported seed pairs every
-    method. `seconds` is the longest run's.
+    ([`model_identity`]: the same GGUF converted on another install merges) and device must agree; the base model's
+    evaluation is deterministic and taken from the first. A method measured twice for the same seed is an error; a
+    seed that lacks some method is left out, so that every reported seed pairs every method. `seconds` is the longest
+    run's.
     """
     first = reports[0]
     for other in reports[1:]:

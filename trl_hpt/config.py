@@ -193,7 +193,8 @@ class HPTConfig(GRPOConfig):
     imitation_guard_size: int = field(
         default=64,
         metadata={
-            "help": "Correct rollouts kept in the imitation guard's replay, per process: the first ones the policy produces."
+            "help": "Correct rollouts kept in the imitation guard's replay, per process: the first ones the policy "
+            "produces."
         },
     )
     imitation_guard_rate: float = field(

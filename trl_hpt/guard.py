@@ -7,10 +7,10 @@ depends on the demonstrations: in the model's own style they teach what RL canno
 overwrite what the model already does right. The guard reads that harm directly. It keeps a replay of the policy's
 own verifier-accepted rollouts (the first ones it produced), with the mean token log-probability each had when it
 entered, and before every generation batch's update measures how far the current policy has moved on them since (the
-*drift*, in nats per token).
-When the replay holds its ground (drift >= -tolerance) the demonstration coefficient grows by `exp(rate)`, when the
-policy is losing it the coefficient shrinks by the same factor, within `[min_scale, max_scale]` times
-`demonstration_loss_coef`. In the estimator's terms the scale multiplies `A_hat` of the demonstration rows only.
+*drift*, in nats per token). When the replay holds its ground (drift >= -tolerance) the demonstration coefficient
+grows by `exp(rate)`, when the policy is losing it the coefficient shrinks by the same factor, within
+`[min_scale, max_scale]` times `demonstration_loss_coef`. In the estimator's terms the scale multiplies `A_hat` of the
+demonstration rows only.
 """
 
 from __future__ import annotations
@@ -70,10 +70,15 @@ class ImitationGuard:
         from what the policy could do early on, where forgetting shows); its baseline is its mean token
         log-probability at the next measurement. Returns whether it entered.
         """
-        if not completion_ids or len(self.entries) >= self.capacity:
+        if not completion_ids or self.full:
             return False
         self.entries.append([list(prompt_ids), list(completion_ids), float("nan")])
         return True
+
+    @property
+    def full(self) -> bool:
+        """Whether the replay holds `capacity` rollouts: later ones no longer enter."""
+        return len(self.entries) >= self.capacity
 
     def inputs(self, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """

@@ -180,7 +180,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
                 args.imitation_guard_tolerance,
                 scale=args.imitation_guard_start,
             )
-            if args.imitation_guard and self._uses_demonstrations
+            if args.imitation_guard  # HPTConfig refuses it with feedback="rl", the one case without demonstrations
             else None
         )
 
@@ -309,7 +309,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         layout = RowLayout.of(self.accelerator, output["completion_ids"].size(0), num_generations)
         correct = layout.local(verifier >= self.args.success_threshold)
         for i in correct.nonzero(as_tuple=True)[0].tolist():
-            if len(guard.entries) >= guard.capacity:
+            if guard.full:  # spares the id lists of rollouts that would not enter
                 break
             guard.add(
                 output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist(),
