@@ -50,6 +50,15 @@ def test_replay_keeps_the_first_rollouts_laid_out_like_a_grpo_batch():
     assert [entry[2] for entry in guard.entries] == [-1.0, -3.0]  # baselines kept from their first measurement
 
 
+def test_a_restored_replay_keeps_its_first_rollouts():
+    saved = ImitationGuard(capacity=3, rate=0.1, min_scale=0.05, max_scale=4.0, scale=0.5)
+    for k in range(3):
+        saved.add([k], [k + 10])
+    smaller = ImitationGuard(capacity=2, rate=0.1, min_scale=0.05, max_scale=4.0)
+    smaller.load_state_dict(saved.state_dict())
+    assert smaller.scale == 0.5 and [entry[1] for entry in smaller.entries] == [[10], [11]]
+
+
 def _trainer(tmp_path, tokenizer, counts, **overrides):
     rows = addition_rows(PAIRS)
     return make_trainer(tmp_path, tokenizer, rows, slot_reward(rows, counts, G, wrong=0.0), **overrides)

@@ -125,7 +125,8 @@ class ImitationGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.scale = float(state["scale"])
-        self.entries = deque([list(entry) for entry in state["entries"]][-self.capacity :])
+        # A smaller imitation_guard_size on resume keeps the first rollouts, as filling the replay does.
+        self.entries = deque([list(entry) for entry in state["entries"]][: self.capacity])
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
