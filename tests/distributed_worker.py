@@ -111,6 +111,7 @@ def build_trainer(case: dict, output_dir: str):
         demonstration_aggregation=case.get("demonstration_aggregation"),
         imitation_guard=case.get("imitation_guard", False),
         imitation_guard_rate=0.3,
+        style_gate=case.get("style_gate", False),
         loss_type=case["loss_type"],
         per_device_train_batch_size=case["per_device_batch"],
         num_generations=case["num_generations"],
@@ -124,6 +125,9 @@ def build_trainer(case: dict, output_dir: str):
     )
     tokenizer = build_char_tokenizer(chat_template=False)
     model = tiny_model(tokenizer)
+    rows = ROWS
+    if case.get("style_gate"):  # demonstrations written unlike the correct rollouts, so that the style gap is not 0
+        rows = [{**row, "completion": " ".join(row["completion"])} for row in ROWS]
     reward_funcs, reward_processing_classes, forwards = reward, None, []
     if case.get("reward_model"):
         from transformers import AutoModelForSequenceClassification
@@ -139,7 +143,7 @@ def build_trainer(case: dict, output_dir: str):
         reward_funcs=reward_funcs,
         reward_processing_classes=reward_processing_classes,
         args=config,
-        train_dataset=Dataset.from_list(ROWS),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         rollout_func=make_rollout_func(case["solved"]),
     )

@@ -68,6 +68,8 @@ CASES = [
     {"name": "rl-grpo", "mode": "rl", "loss_type": "grpo", **SPANNING},
     # The imitation guard: replays of unequal size per rank, scored with equal forwards; one drift over all of them.
     {"name": "switch-guard", "mode": "switch", "loss_type": "dapo", "imitation_guard": True, **SPANNING},
+    # The style gate: a group spanning ranks is paired once, by the rank holding its first correct rollout.
+    {"name": "switch-style", "mode": "switch", "loss_type": "dapo", "style_gate": True, **SPANNING},
     # One group of 4 per step, 2 rows per rank, never solved: rank 0 holds only zero-weight rollouts (alpha = 0) and
     # the demonstration goes to rank 1, which owns the group's last slot.
     {
@@ -96,6 +98,8 @@ LOGGED = (
     "hpt/demonstration_loss",
     "hpt/imitation_scale",
     "hpt/replay_drift",
+    "hpt/style_gap",
+    "hpt/style_scale",
 )
 
 
@@ -286,6 +290,13 @@ def test_logged_metrics_equal_the_single_process_run(runs, name):
         for key in LOGGED:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_the_style_gate_measures_over_every_rank(runs):
+    # Equal to the single-process run (test_logged_metrics_equal_the_single_process_run), and measured.
+    logs = runs["switch-style"]["two"]["ranks"][0]["logs"]
+    gaps = [h["hpt/style_gap"] for h in logs if "hpt/style_gap" in h]  # the third step has no solved prompt
+    assert len(gaps) == 2 and all(gap != 0 for gap in gaps)
 
 
 def test_the_imitation_guard_measures_over_every_rank(runs):

@@ -1,4 +1,4 @@
-"""`imitation_guard`: the demonstration coefficient scaled by the drift of a replay of the policy's correct rollouts."""
+"""The imitation controls: `imitation_guard` (a replay of the policy's correct rollouts) and `style_gate`."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 
 from trl_hpt.batch import hpt_rows
 from trl_hpt.config import HPTConfig
-from trl_hpt.guard import ImitationGuard, next_scale, replay_drift
+from trl_hpt.guard import ImitationGuard, StyleGate, next_scale, replay_drift, style_scale
 from trl_hpt.testing import PAIRS, addition_rows, generation_batch, make_trainer, slot_reward
 
 
@@ -141,3 +141,106 @@ def test_the_guard_resumes_with_its_checkpoint(tmp_path, char_tokenizer):
     resumed.train(resume_from_checkpoint=True)  # the last checkpoint, checkpoint-4
     assert loaded and loaded[0]["scale"] == pytest.approx(scales[3])
     assert resumed.state.global_step == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# style_gate: the demonstration coefficient scaled by the demonstrations' log-probability gap on solved prompts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_style_scale_and_its_moving_average():
+    assert style_scale(float("nan"), 0.1) == 1.0  # nothing measured
+    assert style_scale(0.3, 0.1) == 1.0  # demonstrations likelier than the model's own answers: no reduction
+    assert style_scale(-0.2, 0.1) == pytest.approx(math.exp(-2.0))
+    gate = StyleGate(temperature=0.5, momentum=0.75)
+    assert gate.update(0.0, 0) == 1.0 and math.isnan(gate.gap)  # no solved prompt: unchanged
+    assert gate.update(-2.0, 4) == pytest.approx(math.exp(-1.0))  # the first batch's gap as it is
+    gate.update(-1.0, 1)
+    assert gate.gap == pytest.approx(0.75 * -0.5 + 0.25 * -1.0)
+    kept = StyleGate(temperature=0.5, momentum=1.0)
+    kept.update(-1.0, 2)
+    kept.update(3.0, 1)
+    assert kept.gap == -0.5  # momentum 1: the first gap for the whole run
+    restored = StyleGate(temperature=0.5, momentum=0.75)
+    restored.load_state_dict(json.loads(json.dumps(gate.state_dict())))
+    assert restored.gap == gate.gap
+    fresh = StyleGate(temperature=0.5, momentum=0.75)
+    fresh.load_state_dict(json.loads(json.dumps(StyleGate(0.5, 0.75).state_dict())))
+    assert math.isnan(fresh.gap)
+
+
+def _mean_logp(trainer, prompt, completion):
+    """One pair scored on its own (no padding), independently of the trainer's batching."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, torch.ones_like(ids), len(completion)
+        )
+    return float(logps.mean())
+
+
+def test_trainer_scales_the_demonstration_rows_by_the_style_gap(tmp_path, char_tokenizer):
+    counts = [0, 1, 2, 0]  # prompts 1 and 2 are solved (their first rollout correct); 0 and 3 go to SFT
+    trainer = _trainer(
+        tmp_path, char_tokenizer, counts, style_gate=True, style_gate_temperature=0.5, style_gate_momentum=0.5
+    )
+    gate, gaps = trainer.style_gate, []
+    torch.manual_seed(0)
+    for step in range(2):
+        batch = generation_batch(trainer, G)
+        per_prompt = []
+        for j in (1, 2):
+            row = G * j
+            prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()].tolist()
+            own = batch["completion_ids"][row][batch["completion_mask"][row].bool()].tolist()
+            demo = list(trainer.demonstrations.lookup(trainer.train_dataset[j]).ids)
+            per_prompt.append(_mean_logp(trainer, prompt, demo) - _mean_logp(trainer, prompt, own))
+        gaps.append(sum(per_prompt) / 2)
+        assert trainer._metrics["train"]["hpt/style_gap"][-1] == pytest.approx(gaps[-1], abs=1e-5)
+        expected_gap = gaps[0] if step == 0 else 0.5 * gaps[0] + 0.5 * gaps[1]
+        assert gate.gap == pytest.approx(expected_gap, abs=1e-5)
+        scale = math.exp(min(expected_gap, 0.0) / 0.5)
+        assert trainer._metrics["train"]["hpt/style_scale"][-1] == pytest.approx(scale, rel=1e-5)
+        rows = hpt_rows(batch)
+        torch.testing.assert_close(rows.weights[rows.demonstration], torch.full((2,), scale))
+    assert gaps[0] < 0  # an untrained model finds neither likely, but the demonstrations' digits less so
+
+
+def test_style_gate_without_solved_prompts_and_with_the_guard(tmp_path, char_tokenizer):
+    unsolved = _trainer(tmp_path / "u", char_tokenizer, [0, 0, 0, 0], style_gate=True)
+    rows = hpt_rows(generation_batch(unsolved, G))
+    assert math.isnan(unsolved.style_gate.gap) and "hpt/style_gap" not in unsolved._metrics["train"]
+    torch.testing.assert_close(rows.weights[rows.demonstration], torch.ones(4))
+
+    both = _trainer(
+        tmp_path / "b", char_tokenizer, [0, 1, 2, 0], style_gate=True, imitation_guard=True, imitation_guard_start=0.5
+    )
+    rows = hpt_rows(generation_batch(both, G))
+    expected = 0.5 * both.style_gate.scale
+    assert both.style_gate.scale < 1
+    torch.testing.assert_close(rows.weights[rows.demonstration], torch.full((2,), expected))
+
+
+def test_style_gate_off_by_default_validated_and_resumed(tmp_path, char_tokenizer):
+    assert HPTConfig(str(tmp_path), use_cpu=True).style_gate is False
+    assert _trainer(tmp_path / "d", char_tokenizer, [0, 1, 2, 0]).style_gate is None
+    for field, bad in [
+        ("style_gate_temperature", 0.0),
+        ("style_gate_temperature", math.inf),
+        ("style_gate_momentum", 1.5),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            HPTConfig(str(tmp_path), use_cpu=True, **{field: bad})
+    with pytest.raises(ValueError, match="style_gate.*feedback='rl'"):
+        HPTConfig(str(tmp_path), use_cpu=True, style_gate=True, feedback="rl")
+
+    run = dict(max_steps=4, save_strategy="steps", save_steps=2, style_gate=True)
+    trainer = _trainer(tmp_path / "a", char_tokenizer, [0, 1, 2, 0], **run)
+    trainer.train()
+    saved = json.loads((tmp_path / "a" / "checkpoint-4" / "hpt_style_gate-0.json").read_text())
+    assert saved["gap"] == pytest.approx(trainer.style_gate.gap)
+    resumed = _trainer(tmp_path / "a", char_tokenizer, [0, 1, 2, 0], **{**run, "max_steps": 5})
+    resumed.train(resume_from_checkpoint=True)
+    gaps = [h["hpt/style_gap"] for h in resumed.state.log_history if "hpt/style_gap" in h]
+    # The fifth step continues the saved average instead of starting from its own gap.
+    assert resumed.style_gate.gap == pytest.approx(0.9 * saved["gap"] + 0.1 * gaps[-1], abs=1e-6)

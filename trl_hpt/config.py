@@ -90,6 +90,17 @@ class HPTConfig(GRPOConfig):
             and `4.0`).
         imitation_guard_tolerance (`float`, *optional*, defaults to `0.0`):
             Drop of the replay's mean token log-probability (nats) that still counts as holding.
+        style_gate (`bool`, *optional*, defaults to `False`):
+            Scale the demonstration coefficient by how foreign the demonstrations' style is to the policy: on solved
+            prompts (some rollout correct) the demonstration's mean token log-probability minus that of a correct
+            rollout is the *style gap* (the model knows the answer there, so the gap is how it is written), smoothed
+            over generation batches with `style_gate_momentum`; the factor is `exp(min(gap, 0) /
+            style_gate_temperature)`. `False`: a fixed coefficient, as in the paper.
+        style_gate_temperature (`float`, *optional*, defaults to `0.1`):
+            Style gap (nats per token) that divides the demonstration coefficient by `e`.
+        style_gate_momentum (`float`, *optional*, defaults to `0.9`):
+            Weight of the past in the style gate's moving average of the gap: `0` uses each batch's gap alone, `1`
+            keeps the first measured gap for the whole run (imitation cannot make its own style look native).
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -216,6 +227,26 @@ class HPTConfig(GRPOConfig):
             "holding."
         },
     )
+    style_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale the demonstration coefficient by how foreign the demonstrations' style is to the policy: "
+            "on solved prompts the demonstration's mean token log-probability minus a correct rollout's (the style "
+            "gap), smoothed over generation batches, gives the factor exp(min(gap, 0) / style_gate_temperature). "
+            "False: a fixed coefficient (the paper)."
+        },
+    )
+    style_gate_temperature: float = field(
+        default=0.1,
+        metadata={"help": "Style gap (nats per token) that divides the demonstration coefficient by e."},
+    )
+    style_gate_momentum: float = field(
+        default=0.9,
+        metadata={
+            "help": "Weight of the past in the style gate's moving average of the gap: 0 uses each batch's gap alone, "
+            "1 keeps the first measured gap for the whole run."
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -333,6 +364,17 @@ class HPTConfig(GRPOConfig):
             raise ValueError(
                 "HPTConfig.imitation_guard scales the demonstration term, which feedback='rl' does not have; "
                 "set imitation_guard=False or choose another feedback."
+            )
+        if not (math.isfinite(self.style_gate_temperature) and self.style_gate_temperature > 0):
+            raise ValueError(
+                f"HPTConfig.style_gate_temperature must be a finite number > 0, got {self.style_gate_temperature}."
+            )
+        if not 0 <= self.style_gate_momentum <= 1:
+            raise ValueError(f"HPTConfig.style_gate_momentum must be in [0, 1], got {self.style_gate_momentum}.")
+        if self.style_gate and self.feedback == "rl":
+            raise ValueError(
+                "HPTConfig.style_gate scales the demonstration term, which feedback='rl' does not have; "
+                "set style_gate=False or choose another feedback."
             )
         if self.demonstration_column in ("prompt", ""):
             raise ValueError(f"HPTConfig.demonstration_column cannot be {self.demonstration_column!r}.")

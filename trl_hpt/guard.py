@@ -1,4 +1,7 @@
 """
+Two controls of how much HPT imitates, each a factor on the demonstration coefficient (on `A_hat` of the
+demonstration rows only, in the estimator's terms).
+
 The imitation guard: the demonstration coefficient scaled by whether imitation makes the policy forget its own
 correct answers.
 
@@ -9,8 +12,14 @@ own verifier-accepted rollouts (the first ones it produced), with the mean token
 entered, and before every generation batch's update measures how far the current policy has moved on them since (the
 *drift*, in nats per token). When the replay holds its ground (drift >= -tolerance) the demonstration coefficient
 grows by `exp(rate)`, when the policy is losing it the coefficient shrinks by the same factor, within
-`[min_scale, max_scale]` times `demonstration_loss_coef`. In the estimator's terms the scale multiplies `A_hat` of the
-demonstration rows only.
+`[min_scale, max_scale]` times `demonstration_loss_coef`.
+
+The style gate: the demonstration coefficient scaled by how foreign the demonstrations' style is to the policy. On a
+prompt the policy already solves it knows the answer, so when it finds the demonstration much less likely per token
+than its own correct rollout, the difference is style (notation, phrasing, layout), not content, and imitating it
+overwrites how the model writes answers it already gets right. The *gap* is the demonstration's mean token
+log-probability minus the correct rollout's, averaged over the solved prompts of a generation batch and smoothed over
+batches; the factor is `exp(min(gap, 0) / temperature)`.
 """
 
 from __future__ import annotations
@@ -25,7 +34,16 @@ from dataclasses import dataclass, field
 import torch
 
 
-__all__ = ["ImitationGuard", "guard_state_path", "next_scale", "replay_drift"]
+__all__ = [
+    "ImitationGuard",
+    "StyleGate",
+    "completion_batch",
+    "guard_state_path",
+    "mean_token_logps",
+    "next_scale",
+    "replay_drift",
+    "style_scale",
+]
 
 
 def next_scale(scale: float, drift: float, rate: float, min_scale: float, max_scale: float, tolerance: float) -> float:
@@ -40,6 +58,31 @@ def next_scale(scale: float, drift: float, rate: float, min_scale: float, max_sc
     return min(max(scale * math.exp(step), min_scale), max_scale)
 
 
+def completion_batch(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    `(input_ids, attention_mask, completion_mask)` of `(prompt_ids, completion_ids)` pairs, prompts left-padded and
+    completions right-padded as `GRPOTrainer` lays out a batch.
+    """
+    prompt_len = max(len(p) for p, _ in pairs)
+    completion_len = max(len(c) for _, c in pairs)
+    ids, attention, completion_mask = [], [], []
+    for prompt, completion in pairs:
+        left, right = prompt_len - len(prompt), completion_len - len(completion)
+        ids.append([pad_token_id] * left + list(prompt) + list(completion) + [pad_token_id] * right)
+        attention.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+        completion_mask.append([1] * len(completion) + [0] * right)
+    return tuple(torch.tensor(rows, dtype=torch.long, device=device) for rows in (ids, attention, completion_mask))
+
+
+def mean_token_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's mean log-probability over its completion tokens, as float32 on the CPU."""
+    mask = completion_mask.to(per_token_logps.dtype)
+    mean = (per_token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return mean.detach().float().cpu()
+
+
 def replay_drift(mean_logps: torch.Tensor, baselines: torch.Tensor) -> tuple[float, int]:
     """
     `(sum of drifts, count)` over the replay entries that have a baseline (finite `baselines`): each entry's mean
@@ -49,8 +92,24 @@ def replay_drift(mean_logps: torch.Tensor, baselines: torch.Tensor) -> tuple[flo
     return float((mean_logps[known] - baselines[known]).sum()), int(known.sum())
 
 
+class _JsonState:
+    """Saving and restoring a `state_dict` as JSON, for checkpoints."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.state_dict(), f)
+
+    def load(self, path: str | os.PathLike) -> bool:
+        """Restores a saved state; `False` (and nothing changed) when `path` does not exist."""
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            self.load_state_dict(json.load(f))
+        return True
+
+
 @dataclass
-class ImitationGuard:
+class ImitationGuard(_JsonState):
     """
     One process's replay of correct rollouts and the scale of the demonstration coefficient (see the module
     docstring). The first `capacity` correct rollouts are kept.
@@ -81,31 +140,17 @@ class ImitationGuard:
         return len(self.entries) >= self.capacity
 
     def inputs(self, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """
-        `(input_ids, attention_mask, completion_mask)` of the replay, prompts left-padded and completions
-        right-padded as `GRPOTrainer` lays out a batch; `None` when the replay is empty.
-        """
+        """[`completion_batch`] of the replay; `None` when the replay is empty."""
         if not self.entries:
             return None
-        prompt_len = max(len(p) for p, _, _ in self.entries)
-        completion_len = max(len(c) for _, c, _ in self.entries)
-        ids, attention, completion_mask = [], [], []
-        for prompt, completion, _ in self.entries:
-            left = prompt_len - len(prompt)
-            right = completion_len - len(completion)
-            ids.append([pad_token_id] * left + prompt + completion + [pad_token_id] * right)
-            attention.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
-            completion_mask.append([1] * len(completion) + [0] * right)
-        return tuple(torch.tensor(rows, dtype=torch.long, device=device) for rows in (ids, attention, completion_mask))
+        return completion_batch([(prompt, completion) for prompt, completion, _ in self.entries], pad_token_id, device)
 
     def measure(self, per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[float, int]:
         """
         Records the replay's mean token log-probabilities under the current policy: entries without a baseline take
         it as theirs; returns [`replay_drift`] over the others.
         """
-        mask = completion_mask.to(per_token_logps.dtype)
-        mean = (per_token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        mean = mean.detach().float().cpu()
+        mean = mean_token_logps(per_token_logps, completion_mask)
         baselines = torch.tensor([entry[2] for entry in self.entries], dtype=torch.float32)
         drift = replay_drift(mean, baselines)
         for entry, value, had in zip(self.entries, mean.tolist(), torch.isfinite(baselines).tolist()):
@@ -128,19 +173,42 @@ class ImitationGuard:
         # A smaller imitation_guard_size on resume keeps the first rollouts, as filling the replay does.
         self.entries = deque([list(entry) for entry in state["entries"]][: self.capacity])
 
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.state_dict(), f)
 
-    def load(self, path: str | os.PathLike) -> bool:
-        """Restores a saved state; `False` (and nothing changed) when `path` does not exist."""
-        if not os.path.exists(path):
-            return False
-        with open(path) as f:
-            self.load_state_dict(json.load(f))
-        return True
+def style_scale(gap: float, temperature: float) -> float:
+    """The style gate's factor, `exp(min(gap, 0) / temperature)`; `1` when nothing was measured (`gap` is NaN)."""
+    return 1.0 if math.isnan(gap) else math.exp(min(gap, 0.0) / temperature)
 
 
-def guard_state_path(checkpoint: str | os.PathLike, process_index: int) -> str:
-    """Where a checkpoint keeps one process's imitation guard (each process has its own replay)."""
-    return os.path.join(checkpoint, f"hpt_imitation_guard-{process_index}.json")
+@dataclass
+class StyleGate(_JsonState):
+    """
+    The style gate's smoothed gap (see the module docstring): NaN until a generation batch has a solved prompt with
+    a demonstration, then the first batch's gap, then an exponential moving average with weight `momentum` on the
+    past.
+    """
+
+    temperature: float
+    momentum: float
+    gap: float = float("nan")
+
+    @property
+    def scale(self) -> float:
+        return style_scale(self.gap, self.temperature)
+
+    def update(self, gap_sum: float, count: int) -> float:
+        """The next smoothed gap from the gaps of `count` solved prompts summed over every process; returns the scale."""
+        if count:
+            gap = gap_sum / count
+            self.gap = gap if math.isnan(self.gap) else self.momentum * self.gap + (1.0 - self.momentum) * gap
+        return self.scale
+
+    def state_dict(self) -> dict:
+        return {"gap": None if math.isnan(self.gap) else self.gap}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gap = float("nan") if state["gap"] is None else float(state["gap"])
+
+
+def guard_state_path(checkpoint: str | os.PathLike, process_index: int, name: str = "imitation_guard") -> str:
+    """Where a checkpoint keeps one process's state of a control (`"imitation_guard"` or `"style_gate"`)."""
+    return os.path.join(checkpoint, f"hpt_{name}-{process_index}.json")

@@ -52,7 +52,7 @@ from trl_hpt.feedback import (
     verifier_rewards,
 )
 from trl_hpt.grpo_mirror import GRPOLossMirror, grpo_advantages
-from trl_hpt.guard import ImitationGuard, guard_state_path
+from trl_hpt.guard import ImitationGuard, StyleGate, completion_batch, guard_state_path, mean_token_logps
 from trl_hpt.model_card import complete_model_card, model_card_names
 from trl_hpt.models import resolve_model_init
 
@@ -183,26 +183,34 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             if args.imitation_guard  # HPTConfig refuses it with feedback="rl", the one case without demonstrations
             else None
         )
+        self.style_gate = StyleGate(args.style_gate_temperature, args.style_gate_momentum) if args.style_gate else None
+
+    @property
+    def _imitation_controls(self) -> dict:
+        """The controls of the demonstration coefficient that are on, by the name their checkpoint state uses."""
+        controls = {"imitation_guard": self.imitation_guard, "style_gate": self.style_gate}
+        return {name: control for name, control in controls.items() if control is not None}
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # The imitation guard's scale and replay resume with the checkpoint (Trainer restores no trainer state).
-        if self.imitation_guard is not None and resume_from_checkpoint:
+        # The imitation controls' state resumes with the checkpoint (Trainer restores no trainer state).
+        if self._imitation_controls and resume_from_checkpoint:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
-            path = guard_state_path(checkpoint, self.accelerator.process_index) if checkpoint else None
-            if path is None or not self.imitation_guard.load(path):
-                logger.warning(f"No imitation guard state in {checkpoint}: the guard starts afresh.")
+            for name, control in self._imitation_controls.items():
+                path = guard_state_path(checkpoint, self.accelerator.process_index, name) if checkpoint else None
+                if path is None or not control.load(path):
+                    logger.warning(f"No {name} state in {checkpoint}: the {name.replace('_', ' ')} starts afresh.")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.imitation_guard is not None:
-            checkpoint = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            if os.path.isdir(checkpoint):
-                self.imitation_guard.save(guard_state_path(checkpoint, self.accelerator.process_index))
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if os.path.isdir(checkpoint):
+            for name, control in self._imitation_controls.items():
+                control.save(guard_state_path(checkpoint, self.accelerator.process_index, name))
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         # TRL names the card after the Hub id only: a model trained from a local directory would read "None".
@@ -237,6 +245,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             return output
         if self.imitation_guard is not None:
             self._guard_step(output, verifier, num_generations)
+        if self.style_gate is not None:
+            self._style_step(output, demos, verifier, num_generations)
         return self._mix_demonstrations(output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations)
 
     def _mix_demonstrations(self, output, inputs, demos, rewards_per_func, verifier, accuracy, num_generations):
@@ -247,7 +257,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         decision = decide_gate(self.feedback_fn or self.args.feedback, accuracy, has_demo, self.args.switch_gate)
         placed = layout.last_slots(decision.placed)
         demonstration = layout.local(placed)
-        beta = decision.beta * (self.imitation_guard.scale if self.imitation_guard is not None else 1.0)
+        beta = decision.beta * math.prod(control.scale for control in self._imitation_controls.values())
         weights = layout.local(torch.where(placed, layout.per_row(beta), layout.per_row(decision.alpha))).float()
 
         self._place_demonstrations(output, demonstration, demos)
@@ -276,49 +286,83 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         output["num_items_in_batch"] = counts.policy_tokens
         return attach_rows(output, demonstration, weights, counts.policy_rows, counts.separate_tokens)
 
+    def _completion_logps(self, pairs, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """
+        Per-token log-probabilities under the current policy (no gradient) of `(prompt_ids, completion_ids)` pairs,
+        with their completion mask; `None` when no process has a pair. Called on every process: each runs one forward
+        over as many rows as the process with the most pairs (repeating rows), so that sharded models stay in step.
+        """
+        most = int(gather(torch.tensor([len(pairs)], device=device)).max())
+        if not most:
+            return None
+        pad = self._tokenizer.pad_token_id
+        # No pair here but some elsewhere: score a stand-in row to keep the forwards equal.
+        ids, attention, completion_mask = completion_batch(pairs or [([pad], [pad])], pad, device)
+        repeat = -(-most // ids.size(0))
+        ids, attention = ids.repeat(repeat, 1)[:most], attention.repeat(repeat, 1)[:most]
+        with torch.no_grad():
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, attention, completion_mask.size(1), self.args.per_device_train_batch_size
+            )
+        return logps[: len(pairs)], completion_mask[: len(pairs)]
+
     def _guard_step(self, output, verifier, num_generations):
         """
-        The imitation guard before this generation batch's update: re-score the replay (one forward per process, with
-        equal row counts so that sharded models stay in step), update the scale from the drift summed over
-        processes, then add this batch's correct rollouts.
+        The imitation guard before this generation batch's update: re-score the replay, update the scale from the
+        drift summed over processes, then add this batch's correct rollouts.
         """
         guard, device = self.imitation_guard, output["completion_ids"].device
-        rows = len(guard.entries)
-        most = int(gather(torch.tensor([rows], device=device)).max())
-        drift_sum, count = 0.0, 0
-        if most:
-            pad = self._tokenizer.pad_token_id
-            replay = guard.inputs(pad, device)
-            if replay is None:  # an empty replay here, not elsewhere: score a stand-in row to keep forwards equal
-                replay = (
-                    torch.full((1, 2), pad, device=device),
-                    torch.ones(1, 2, dtype=torch.long, device=device),
-                    torch.zeros(1, 1, dtype=torch.long, device=device),
-                )
-            ids, attention, completion_mask = replay
-            repeat = -(-most // ids.size(0))  # pad the row count to the largest replay by repeating rows
-            ids, attention = ids.repeat(repeat, 1)[:most], attention.repeat(repeat, 1)[:most]
-            with torch.no_grad():
-                logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, ids, attention, completion_mask.size(1), self.args.per_device_train_batch_size
-                )
-            if rows:
-                drift_sum, count = guard.measure(logps[:rows], completion_mask)
+        scored = self._completion_logps([(prompt, completion) for prompt, completion, _ in guard.entries], device)
+        drift_sum, count = guard.measure(*scored) if scored is not None and guard.entries else (0.0, 0)
         totals = self._reduce_sum(torch.tensor([drift_sum, float(count)], device=device))
         scale = guard.update(float(totals[0]), int(totals[1]))
-        layout = RowLayout.of(self.accelerator, output["completion_ids"].size(0), num_generations)
-        correct = layout.local(verifier >= self.args.success_threshold)
-        for i in correct.nonzero(as_tuple=True)[0].tolist():
+        for i in self._correct_rows(output, verifier, num_generations):
             if guard.full:  # spares the id lists of rollouts that would not enter
                 break
-            guard.add(
-                output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist(),
-                output["completion_ids"][i][output["completion_mask"][i].bool()].tolist(),
-            )
+            guard.add(*self._rollout_pair(output, i))
         metrics = self._metrics["train"]
         metrics["hpt/imitation_scale"].append(scale)
         if int(totals[1]):
             metrics["hpt/replay_drift"].append(float(totals[0]) / int(totals[1]))
+
+    def _style_step(self, output, demos, verifier, num_generations):
+        """
+        The style gate before this generation batch's update: on every solved prompt with a demonstration, the
+        demonstration's mean token log-probability minus that of the prompt's first correct rollout; the gate smooths
+        their mean over processes.
+        """
+        device = output["completion_ids"].device
+        layout = RowLayout.of(self.accelerator, len(demos), num_generations)
+        # Each solved prompt's first correct rollout over every process, scored by the process that holds it.
+        correct = (verifier >= self.args.success_threshold).view(-1, num_generations)
+        rows = torch.arange(correct.size(0), device=correct.device) * num_generations + correct.int().argmax(1)
+        local = rows[correct.any(1)] - layout.process_index * layout.num_local
+        local = local[(local >= 0) & (local < layout.num_local)].tolist()
+        first = [i for i in local if demos[i].present]
+        pairs = [self._rollout_pair(output, i) for i in first]
+        pairs = [(prompt, list(demos[i].ids)) for i, (prompt, _) in zip(first, pairs)] + pairs
+        scored = self._completion_logps(pairs, device)
+        gap_sum = 0.0
+        if scored is not None and first:
+            mean = mean_token_logps(*scored)
+            gap_sum = float((mean[: len(first)] - mean[len(first) :]).sum())
+        totals = self._reduce_sum(torch.tensor([gap_sum, float(len(first))], device=device))
+        scale = self.style_gate.update(float(totals[0]), int(totals[1]))
+        metrics = self._metrics["train"]
+        metrics["hpt/style_scale"].append(scale)
+        if int(totals[1]):
+            metrics["hpt/style_gap"].append(float(totals[0]) / int(totals[1]))
+
+    def _correct_rows(self, output, verifier, num_generations) -> list[int]:
+        """This process's verifier-accepted rollouts, by row."""
+        layout = RowLayout.of(self.accelerator, output["completion_ids"].size(0), num_generations)
+        return layout.local(verifier >= self.args.success_threshold).nonzero(as_tuple=True)[0].tolist()
+
+    @staticmethod
+    def _rollout_pair(output, i) -> tuple[list[int], list[int]]:
+        """Row `i`'s `(prompt_ids, completion_ids)`, padding removed."""
+        prompt = output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist()
+        return prompt, output["completion_ids"][i][output["completion_mask"][i].bool()].tolist()
 
     def _record_gate(self, demos, accuracy, decision, num_generations):
         index = [-1] * len(accuracy)
