@@ -375,6 +375,9 @@ class _History:
                     )
                 if logs and "hpt/imitation_scale" in logs:
                     history.imitation_scale.append((step_offset + state.global_step, logs["hpt/imitation_scale"]))
+                if logs and "hpt/style_scale" in logs:
+                    step = step_offset + state.global_step
+                    history.style.append((step, logs["hpt/style_scale"], logs.get("hpt/style_gap", float("nan"))))
                 if logs and "completions/mean_length" in logs:
                     history.generated_tokens += logs["completions/mean_length"] * history.rows_per_step
 
@@ -382,6 +385,7 @@ class _History:
         self.curve: list[tuple[int, float]] = []
         self.gate: list[tuple[int, float, float]] = []
         self.imitation_scale: list[tuple[int, float]] = []  # imitation_guard's scale, when it is on
+        self.style: list[tuple[int, float, float]] = []  # style_gate's (step, scale, batch gap), when it is on
         self.generated_tokens = 0.0
         self.rows_per_step = settings.prompts_per_step * settings.num_generations
 
@@ -497,6 +501,8 @@ def run_method(method: str, model, tokenizer, dataset, held_out, settings: Learn
     record = {"curve": history.curve, "gate": history.gate, "generated_tokens": round(history.generated_tokens)}
     if history.imitation_scale:
         record["imitation_scale"] = history.imitation_scale
+    if history.style:
+        record["style_gate"] = history.style
     return record
 
 

@@ -391,6 +391,8 @@ class _Recorder:
                         "hpt/prompt_accuracy",
                         "hpt/imitation_scale",
                         "hpt/replay_drift",
+                        "hpt/style_scale",
+                        "hpt/style_gap",
                         "completions/mean_length",
                     )
                     recorder.logs.append({k: logs[k] for k in keep if k in logs})
