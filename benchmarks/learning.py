@@ -50,6 +50,8 @@ Usage:
     python benchmarks/learning.py                 # 5 seeds, every method: under 30 minutes on 2 shared CPU cores
     python benchmarks/learning.py --quick         # smoke test: 1 seed, a few steps
     python benchmarks/learning.py --methods hpt sft --seeds 1
+    # a new configuration against stored baselines of the same seeds (methods after ":" taken from that file):
+    python benchmarks/learning.py --report base/learning.json:sft_trl,grpo_trl new/learning.json --out-dir merged
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from benchmarks.common import (  # noqa: E402
     generation_inputs,
     machine_info,
     pass_at_k,
+    read_json,
     settings_overrides,
     setup_environment,
     share,
@@ -671,7 +674,20 @@ def main(argv=None) -> dict:
         metavar="FIELD=VALUE",
         help="override any LearningSettings field (repeatable)",
     )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON[:METHOD,...]",
+        help="train nothing: merge these learning.json files (the same seeds and settings, disjoint methods; "
+        "':m1,m2' takes only those methods from a file) and render them",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        parts = []
+        for item in args.report:
+            path, _, wanted = item.partition(":")
+            parts.append((read_json(path), wanted.split(",") if wanted else None))
+        return write_report(merge_reports(parts), Path(args.out_dir), args.json)
 
     setup_environment(args.threads)
     settings = LearningSettings.quick() if args.quick else LearningSettings()
@@ -692,25 +708,122 @@ def main(argv=None) -> dict:
     }
     print(f"[learning] {machine_line(report['machine'])}", flush=True)
     report["results"] = run(settings, args.methods)
-    report["aggregate"] = learning_aggregate(report["results"], args.methods)
-    if settings.validation:
-        report["aggregate_validation"] = learning_aggregate(report["results"], args.methods, validation=True)
-    if settings.sensitivity_lr is not None:
+    report["seconds"] = time.time() - start
+    return write_report(report, Path(args.out_dir), args.json)
+
+
+def summarize(report: dict) -> dict:
+    """Adds the aggregates over seeds and the paired differences (HPT variants minus every method) to `report`."""
+    settings, methods, results = report["settings"], report["methods"], report["results"]
+    report["aggregate"] = learning_aggregate(results, methods)
+    if settings.get("validation"):
+        report["aggregate_validation"] = learning_aggregate(results, methods, validation=True)
+    if settings.get("sensitivity_lr") is not None:
         report["aggregate_sensitivity"] = learning_aggregate(
-            report["results"], list(settings.sensitivity_methods), "sensitivity"
+            results, list(settings["sensitivity_methods"]), "sensitivity"
         )
     report["paired"] = {
-        reference: learning_paired(report["results"], args.methods, reference)
+        reference: learning_paired(results, methods, reference)
         for reference in ("hpt", "hpt_lt", "hpt_solved", "hpt_coef2", "hpt_custom")
-        if reference in args.methods and len(args.methods) > 1
+        if reference in methods and len(methods) > 1
     }
-    report["seconds"] = time.time() - start
-    out_dir = Path(args.out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir: Path, json_path: str | None = None) -> dict:
+    """Adds the aggregates and paired differences to `report`, then writes `out_dir/learning.{json,md,png}`."""
+    report = summarize(report)
     # The measurements first: a failure to render or plot must not lose them.
-    write_json(args.json or out_dir / "learning.json", report, indent=None)
+    write_json(json_path or out_dir / "learning.json", report, indent=None)
     print(render(report, markdown=out_dir / "learning.md", plot_path=out_dir / "learning.png"))
     print(f"[learning] done in {report['seconds'] / 60:.1f} min; wrote {out_dir}/learning.{{json,md,png}}")
     return report
+
+
+# Settings that parametrise only some methods, or no method's final numbers: runs that differ in them still pair.
+_MERGE_IGNORED = (
+    "seeds",
+    "custom_fields",
+    "sensitivity_lr",
+    "sensitivity_methods",
+    "kl_beta",
+    "sft_grpo_sft_fraction",
+)
+
+
+def merge_reports(parts: list[tuple[dict, list[str] | None]]) -> dict:
+    """
+    One report from runs of disjoint methods on the same seeds (a new configuration against stored baselines).
+
+    Args:
+        parts (`list[tuple[dict, list[str] | None]]`):
+            Each run's report and the methods to take from it (`None`: all of them).
+
+    Every run's settings must agree but for those of `_MERGE_IGNORED`, and every run's warm start must score the same
+    on every shared seed: the pairs by seed are only pairs if the methods started from the same weights. A setting
+    that parametrises one method (`custom_fields`, `kl_beta`, `sft_grpo_sft_fraction`) is taken from the run that has
+    it; a method taken from two runs is an error; seeds missing from some run are left out. The learning-rate
+    sensitivity runs are not merged.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    owners: dict[str, dict] = {}
+    for report, wanted in parts:
+        methods = report["methods"] if wanted is None else wanted
+        for method in methods:
+            if method not in report["methods"]:
+                raise ValueError(f"method {method!r} is not in that run (it has {report['methods']})")
+            if method in owners:
+                raise ValueError(f"method {method!r} is taken from more than one run")
+            owners[method] = report
+    first = parts[0][0]
+
+    def comparable(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in _MERGE_IGNORED}
+
+    for report, _ in parts[1:]:
+        if comparable(report["settings"]) != comparable(first["settings"]):
+            keys = set(comparable(first["settings"])) | set(comparable(report["settings"]))
+            diff = sorted(k for k in keys if first["settings"].get(k) != report["settings"].get(k))
+            raise ValueError(f"cannot merge runs whose settings differ in {diff}")
+    seeds = set.intersection(*(set(report["results"]["seeds"]) for report, _ in parts))
+    if not seeds:
+        raise ValueError("the runs share no seed")
+    merged_seeds = {}
+    for seed in sorted(seeds, key=int):
+        base = first["results"]["seeds"][seed]
+        for report, _ in parts[1:]:
+            other = report["results"]["seeds"][seed]
+            for key in ("warm_start", "warm_start_validation"):
+                if base.get(key) != other.get(key):
+                    raise ValueError(f"seed {seed}: the runs' {key} differ, so their methods did not start alike")
+        per_seed = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("methods", "sensitivity")}
+        per_seed["methods"] = {m: copy.deepcopy(r["results"]["seeds"][seed]["methods"][m]) for m, r in owners.items()}
+        merged_seeds[seed] = per_seed
+    order = [m for m in METHODS if m in owners]
+    settings = copy.deepcopy(first["settings"])
+    settings.update(seeds=len(merged_seeds), sensitivity_lr=None)
+    for field, method in (
+        ("custom_fields", "hpt_custom"),
+        ("kl_beta", "hpt_kl"),
+        ("sft_grpo_sft_fraction", "sft_grpo"),
+    ):
+        if method in owners:
+            settings[field] = owners[method]["settings"][field]
+    results = {k: v for k, v in first["results"].items() if k != "seeds"}
+    results["seeds"] = merged_seeds
+    return {
+        "benchmark": "learning",
+        "machine": first["machine"],
+        "settings": settings,
+        "methods": order,
+        "quick": first["quick"],
+        "results": results,
+        "seconds": max(r["seconds"] for r, _ in parts),
+        "merged_from": [
+            {"machine": machine_line(r["machine"]), "methods": [m for m in order if owners[m] is r]} for r, _ in parts
+        ],
+    }
 
 
 if __name__ == "__main__":

@@ -620,6 +620,10 @@ def render_learning(report: dict) -> str:
         "",
     ]
 
+    for part in report.get("merged_from", ()):
+        lines.append(f"Merged: {', '.join(part['methods'])} from the run on {part['machine']}.")
+    if "merged_from" in report:
+        lines.append("")
     lines.append(learning_method_table(agg, methods, ks))
     lines += [
         "",

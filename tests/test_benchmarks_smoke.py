@@ -268,3 +268,51 @@ def test_real_model_custom_runs_merge_with_runs_of_other_methods():
     grpo_steps = _real_model_report([0], methods=("grpo",), steps=5)
     with pytest.raises(ValueError, match="different settings"):
         merge_reports([grpo_steps, custom])
+
+
+def _learning_report(methods, seeds=(0, 1), warm=0.3, custom=(), steps=300, score=0.5):
+    metrics = {"greedy": warm, "greedy_carry": 0.0, "greedy_no_carry": 0.6, "pass@4": warm}
+    per_seed = {
+        str(s): {
+            "warm_start": dict(metrics),
+            "methods": {m: {"final": {**metrics, "greedy": score + 0.1 * s}} for m in methods},
+        }
+        for s in seeds
+    }
+    return {
+        "benchmark": "learning",
+        "machine": {},
+        "methods": list(methods),
+        "quick": False,
+        "seconds": 60.0,
+        "settings": {"seeds": len(seeds), "steps": steps, "custom_fields": list(custom), "sensitivity_lr": None},
+        "results": {"split": {}, "seeds": per_seed},
+    }
+
+
+def test_learning_reports_of_disjoint_methods_merge(monkeypatch):
+    import benchmarks.learning as learning
+    from benchmarks.report import learning_paired
+
+    monkeypatch.setattr(learning, "machine_line", lambda machine: "here")
+    base = _learning_report(["sft_trl", "grpo_trl", "hpt_custom"], seeds=(0, 1, 2), custom=["old=1"])
+    new = _learning_report(["hpt_custom"], custom=["style_gate=True"], score=0.7)
+    merged = learning.merge_reports([(base, ["sft_trl", "grpo_trl"]), (new, None)])
+    assert merged["methods"] == ["sft_trl", "grpo_trl", "hpt_custom"]
+    # Only the seeds both runs have; the custom fields of the run the custom method came from.
+    assert list(merged["results"]["seeds"]) == ["0", "1"] and merged["settings"]["seeds"] == 2
+    assert merged["settings"]["custom_fields"] == ["style_gate=True"]
+    assert merged["merged_from"][1]["methods"] == ["hpt_custom"]
+    paired = learning_paired(merged["results"], merged["methods"], "hpt_custom")
+    assert paired["sft_trl"]["greedy"][0] == pytest.approx(0.2) and paired["sft_trl"]["wins"] == 2
+    with pytest.raises(ValueError, match="more than one run"):
+        learning.merge_reports([(base, None), (new, None)])
+    with pytest.raises(ValueError, match="not in that run"):
+        learning.merge_reports([(base, ["luffy"]), (new, None)])
+    # Methods that started from other weights do not pair.
+    with pytest.raises(ValueError, match="warm_start differ"):
+        learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], warm=0.2), None)])
+    with pytest.raises(ValueError, match=r"differ in \['steps'\]"):
+        learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], steps=100), None)])
+    with pytest.raises(ValueError, match="share no seed"):
+        learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], seeds=(7,)), None)])
