@@ -344,6 +344,50 @@ def learning_sweep_table(reports: Sequence[dict]) -> str:
     return markdown_table(headers, rows)
 
 
+def learning_tasks_tables(reports: Sequence[dict], reference: str = "hpt_custom") -> str:
+    """
+    Held-out accuracy of every method in `reports` (learning reports, one per task and configuration), one column pair
+    per task (demonstration style), mean +- std over seeds; then `reference` of each report minus every other method
+    of that report, paired by seed (greedy, with the seeds ahead, and no-carry accuracy, the task's retention).
+    """
+    styles, table, pairs = [], {}, {}
+    for report in reports:
+        settings = report["settings"]
+        style = settings.get("demonstration_style", "plain")
+        if style not in styles:
+            styles.append(style)
+        for method, values in report["aggregate"].items():
+            label = "warm start" if method == "warm_start" else learning_config_label(settings, method)
+            table.setdefault(label, {}).setdefault(style, (values["greedy"], values["greedy_no_carry"]))
+        if reference in report["methods"]:
+            results, methods = report["results"], report["methods"]
+            for method, diff in learning_paired(results, methods, reference).items():
+                key = (learning_config_label(settings, reference), learning_config_label(settings, method))
+                pairs.setdefault(key, {})[style] = diff
+    headers = ["method"] + [f"{style}: {column}" for style in styles for column in ("greedy", "no carry")]
+    rows = []
+    for label, by_style in table.items():
+        row = [label]
+        for style in styles:
+            row += [f"{100 * m:.1f} +- {100 * sd:.1f}" for m, sd in by_style[style]] if style in by_style else ["", ""]
+        rows.append(row)
+    lines = [markdown_table(headers, rows)]
+    if pairs:
+        rows = []
+        for (ours, other), by_style in pairs.items():
+            row = [ours, other]
+            for style in styles:
+                d = by_style.get(style)
+                row += (
+                    [f"{_points(d['greedy'])} ({d['wins']}/{d['n']})", _points(d["greedy_no_carry"])]
+                    if d
+                    else ["", ""]
+                )
+            rows.append(row)
+        lines += ["", markdown_table(["configuration", "minus", *headers[1:]], rows)]
+    return "\n".join(lines)
+
+
 def learning_paired(results: dict, methods: Sequence[str], reference: str = "hpt") -> dict:
     """The learning benchmark's `reference` minus every other method, seed by seed (they share the warm start)."""
     per_seed = [s["methods"] for s in results["seeds"].values()]
@@ -936,7 +980,22 @@ def main(argv=None) -> str:
         action="store_true",
         help="learning reports with a validation split: one table of every configuration's validation accuracy",
     )
+    parser.add_argument(
+        "--tasks",
+        action="store_true",
+        help="learning reports of several tasks: one table of every method's held-out accuracy, and each report's "
+        "hpt_custom minus its other methods, paired by seed",
+    )
     args = parser.parse_args(argv)
+    if args.sweep and args.tasks:
+        parser.error("--sweep or --tasks, not both")
+    if args.tasks:
+        text = learning_tasks_tables([json.loads(path.read_text()) for path in args.json]) + "\n"
+        if args.markdown is not None:
+            args.markdown.write_text(text)
+        else:
+            sys.stdout.write(text)
+        return text
     if args.sweep:
         text = learning_sweep_table([json.loads(path.read_text()) for path in args.json]) + "\n"
         if args.markdown is not None:

@@ -316,3 +316,28 @@ def test_learning_reports_of_disjoint_methods_merge(monkeypatch):
         learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], steps=100), None)])
     with pytest.raises(ValueError, match="share no seed"):
         learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], seeds=(7,)), None)])
+
+
+def test_learning_tasks_table_puts_each_task_in_its_columns():
+    from benchmarks.report import learning_tasks_tables
+
+    reports = []
+    for style, score in (("plain", 0.5), ("spaced", 0.2)):
+        report = _learning_report(["grpo_trl", "hpt_custom"], custom=["style_gate=True"], score=score)
+        report["settings"]["demonstration_style"] = style
+        # GRPO 10 points below the custom configuration on every seed.
+        for per_seed in report["results"]["seeds"].values():
+            per_seed["methods"]["grpo_trl"]["final"]["greedy"] -= 0.1
+        report["aggregate"] = {
+            m: {"greedy": (score, 0.0), "greedy_no_carry": (0.6, 0.0)}
+            for m in ("warm_start", "grpo_trl", "hpt_custom")
+        }
+        reports.append(report)
+    text = learning_tasks_tables(reports)
+    header = text.splitlines()[0]
+    assert header == "| method | plain: greedy | plain: no carry | spaced: greedy | spaced: no carry |"
+    assert "| GRPO (TRL `GRPOTrainer`) | 50.0 +- 0.0 | 60.0 +- 0.0 | 20.0 +- 0.0 | 60.0 +- 0.0 |" in text
+    assert (
+        "| HPT, `style_gate=True` | GRPO (TRL `GRPOTrainer`) | +10.0 +- 0.0 (2/2) | +0.0 +- 0.0 | +10.0 +- 0.0 (2/2) |"
+        in text
+    )
