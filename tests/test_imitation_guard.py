@@ -221,6 +221,39 @@ def test_style_gate_without_solved_prompts_and_with_the_guard(tmp_path, char_tok
     torch.testing.assert_close(rows.weights[rows.demonstration], torch.full((2,), expected))
 
 
+@pytest.mark.parametrize("feedback", ["switch", "soft"])
+def test_a_closed_style_gate_trains_exactly_as_grpo_trainer(tmp_path, char_tokenizer, feedback):
+    from trl import GRPOTrainer
+
+    counts = [0, 1, 2, 0]
+    # Momentum 1 keeps the first batch's gap, so the gate stays closed for the whole run.
+    closed = dict(feedback=feedback, style_gate=True, style_gate_floor=0.999, style_gate_momentum=1.0)
+    if feedback == "soft":
+        closed["demonstration_loss"] = "luffy"  # its demonstrations would join the groups' advantages
+    grpo = _trainer(tmp_path / "g", char_tokenizer, counts, trainer_cls=GRPOTrainer)
+    hpt = _trainer(tmp_path / "h", char_tokenizer, counts, **closed)
+    torch.manual_seed(0)
+    grpo.train()
+    torch.manual_seed(0)
+    hpt.train()
+    assert 0 < style_scale(hpt.style_gate.gap, 0.1) < 0.999 and hpt.style_gate.scale == 0.0
+    assert all(h["hpt/sft_fraction"] == 0 for h in hpt.state.log_history if "hpt/sft_fraction" in h)
+    for (name, p_grpo), (_, p_hpt) in zip(grpo.model.named_parameters(), hpt.model.named_parameters()):
+        torch.testing.assert_close(p_hpt.detach(), p_grpo.detach(), atol=1e-6, rtol=1e-5, msg=name)
+
+    # The same run with the gate open (floor 0) places demonstrations and moves elsewhere.
+    opened = _trainer(tmp_path / "o", char_tokenizer, counts, **{**closed, "style_gate_floor": 0.0})
+    torch.manual_seed(0)
+    opened.train()
+    assert opened.style_gate.scale > 0
+    assert any(h["hpt/sft_fraction"] > 0 for h in opened.state.log_history if "hpt/sft_fraction" in h)
+    moved = max(
+        (a.detach() - b.detach()).abs().max().item()
+        for a, b in zip(opened.model.parameters(), grpo.model.parameters())
+    )
+    assert moved > 1e-5
+
+
 def test_style_gate_off_by_default_validated_and_resumed(tmp_path, char_tokenizer):
     assert HPTConfig(str(tmp_path), use_cpu=True).style_gate is False
     assert _trainer(tmp_path / "d", char_tokenizer, [0, 1, 2, 0]).style_gate is None
@@ -228,6 +261,8 @@ def test_style_gate_off_by_default_validated_and_resumed(tmp_path, char_tokenize
         ("style_gate_temperature", 0.0),
         ("style_gate_temperature", math.inf),
         ("style_gate_momentum", 1.5),
+        ("style_gate_floor", 1.0),
+        ("style_gate_floor", -0.1),
     ]:
         with pytest.raises(ValueError, match=field):
             HPTConfig(str(tmp_path), use_cpu=True, **{field: bad})

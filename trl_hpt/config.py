@@ -101,6 +101,10 @@ class HPTConfig(GRPOConfig):
         style_gate_momentum (`float`, *optional*, defaults to `0.9`):
             Weight of the past in the style gate's moving average of the gap: `0` uses each batch's gap alone, `1`
             keeps the first measured gap for the whole run (imitation cannot make its own style look native).
+        style_gate_floor (`float`, *optional*, defaults to `0.0`):
+            A style gate factor below this closes the gate: no demonstration is placed, and every prompt trains by RL
+            on all its rollouts, as `GRPOTrainer` does (a demonstration weighted near zero would still take a rollout's
+            slot and, in `"soft"`/LUFFY groups, lift the group's mean reward). `0`: the factor only scales.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -247,6 +251,13 @@ class HPTConfig(GRPOConfig):
             "1 keeps the first measured gap for the whole run."
         },
     )
+    style_gate_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "A style gate factor below this closes the gate: no demonstration is placed and every prompt "
+            "trains by RL on all its rollouts, as GRPOTrainer does. 0: the factor only scales."
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -371,6 +382,8 @@ class HPTConfig(GRPOConfig):
             )
         if not 0 <= self.style_gate_momentum <= 1:
             raise ValueError(f"HPTConfig.style_gate_momentum must be in [0, 1], got {self.style_gate_momentum}.")
+        if not 0 <= self.style_gate_floor < 1:
+            raise ValueError(f"HPTConfig.style_gate_floor must be in [0, 1), got {self.style_gate_floor}.")
         if self.style_gate and self.feedback == "rl":
             raise ValueError(
                 "HPTConfig.style_gate scales the demonstration term, which feedback='rl' does not have; "

@@ -190,10 +190,13 @@ class StyleGate(_JsonState):
     temperature: float
     momentum: float
     gap: float = float("nan")
+    floor: float = 0.0
 
     @property
     def scale(self) -> float:
-        return style_scale(self.gap, self.temperature)
+        """The factor on the demonstration coefficient; `0` (the gate closed) below `floor`."""
+        scale = style_scale(self.gap, self.temperature)
+        return scale if scale >= self.floor else 0.0
 
     def update(self, gap_sum: float, count: int) -> float:
         """The next smoothed gap from the gaps of `count` solved prompts summed over every process; returns the scale."""

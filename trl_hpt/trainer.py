@@ -183,7 +183,11 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             if args.imitation_guard  # HPTConfig refuses it with feedback="rl", the one case without demonstrations
             else None
         )
-        self.style_gate = StyleGate(args.style_gate_temperature, args.style_gate_momentum) if args.style_gate else None
+        self.style_gate = (
+            StyleGate(args.style_gate_temperature, args.style_gate_momentum, floor=args.style_gate_floor)
+            if args.style_gate
+            else None
+        )
 
     @property
     def _imitation_controls(self) -> dict:
@@ -254,10 +258,13 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         layout = RowLayout.of(self.accelerator, len(inputs), num_generations)
         flags = demonstration_flags(demos, len(inputs), self.mask_truncated_completions, accuracy.device)
         has_demo, truncated = layout.per_prompt(gather(flags)).unbind(-1)
-        decision = decide_gate(self.feedback_fn or self.args.feedback, accuracy, has_demo, self.args.switch_gate)
+        scale = math.prod(control.scale for control in self._imitation_controls.values())
+        # A demonstration the controls weigh 0 is not placed at all: its prompt keeps every rollout, as in GRPO.
+        usable = has_demo & (scale > 0)
+        decision = decide_gate(self.feedback_fn or self.args.feedback, accuracy, usable, self.args.switch_gate)
         placed = layout.last_slots(decision.placed)
         demonstration = layout.local(placed)
-        beta = decision.beta * math.prod(control.scale for control in self._imitation_controls.values())
+        beta = decision.beta * scale
         weights = layout.local(torch.where(placed, layout.per_row(beta), layout.per_row(decision.alpha))).float()
 
         self._place_demonstrations(output, demonstration, demos)
