@@ -211,6 +211,13 @@ def test_style_gate_without_solved_prompts_and_with_the_guard(tmp_path, char_tok
     rows = hpt_rows(generation_batch(unsolved, G))
     assert math.isnan(unsolved.style_gate.gap) and "hpt/style_gap" not in unsolved._metrics["train"]
     torch.testing.assert_close(rows.weights[rows.demonstration], torch.ones(4))
+    # Closed until measured: nothing placed, every rollout kept.
+    waiting = _trainer(
+        tmp_path / "w", char_tokenizer, [0, 0, 0, 0], style_gate=True, style_gate_floor=0.05, style_gate_start=0.0
+    )
+    rows = hpt_rows(generation_batch(waiting, G))
+    assert waiting.style_gate.scale == 0.0 and not rows.demonstration.any()
+    torch.testing.assert_close(rows.weights, torch.ones_like(rows.weights))
 
     both = _trainer(
         tmp_path / "b", char_tokenizer, [0, 1, 2, 0], style_gate=True, imitation_guard=True, imitation_guard_start=0.5
@@ -263,6 +270,7 @@ def test_style_gate_off_by_default_validated_and_resumed(tmp_path, char_tokenize
         ("style_gate_momentum", 1.5),
         ("style_gate_floor", 1.0),
         ("style_gate_floor", -0.1),
+        ("style_gate_start", 1.5),
     ]:
         with pytest.raises(ValueError, match=field):
             HPTConfig(str(tmp_path), use_cpu=True, **{field: bad})

@@ -105,6 +105,10 @@ class HPTConfig(GRPOConfig):
             A style gate factor below this closes the gate: no demonstration is placed, and every prompt trains by RL
             on all its rollouts, as `GRPOTrainer` does (a demonstration weighted near zero would still take a rollout's
             slot and, in `"soft"`/LUFFY groups, lift the group's mean reward). `0`: the factor only scales.
+        style_gate_start (`float`, *optional*, defaults to `1.0`):
+            The style gate's factor until a generation batch has a solved prompt with a demonstration to measure the
+            gap on. `1`: imitate at full weight until then; `0` (with a floor above 0): closed until measured, so a
+            model that solves nothing at first is not taught the demonstrations' style before the gate can judge it.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -258,6 +262,13 @@ class HPTConfig(GRPOConfig):
             "trains by RL on all its rollouts, as GRPOTrainer does. 0: the factor only scales."
         },
     )
+    style_gate_start: float = field(
+        default=1.0,
+        metadata={
+            "help": "The style gate's factor until a solved prompt with a demonstration has measured the gap. 1: full "
+            "weight until then; 0 (with a floor above 0): closed until measured."
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -384,6 +395,8 @@ class HPTConfig(GRPOConfig):
             raise ValueError(f"HPTConfig.style_gate_momentum must be in [0, 1], got {self.style_gate_momentum}.")
         if not 0 <= self.style_gate_floor < 1:
             raise ValueError(f"HPTConfig.style_gate_floor must be in [0, 1), got {self.style_gate_floor}.")
+        if not 0 <= self.style_gate_start <= 1:
+            raise ValueError(f"HPTConfig.style_gate_start must be in [0, 1], got {self.style_gate_start}.")
         if self.style_gate and self.feedback == "rl":
             raise ValueError(
                 "HPTConfig.style_gate scales the demonstration term, which feedback='rl' does not have; "

@@ -191,11 +191,12 @@ class StyleGate(_JsonState):
     momentum: float
     gap: float = float("nan")
     floor: float = 0.0
+    start: float = 1.0
 
     @property
     def scale(self) -> float:
-        """The factor on the demonstration coefficient; `0` (the gate closed) below `floor`."""
-        scale = style_scale(self.gap, self.temperature)
+        """The factor on the demonstration coefficient (`start` until a gap is measured); `0` (closed) below `floor`."""
+        scale = self.start if math.isnan(self.gap) else style_scale(self.gap, self.temperature)
         return scale if scale >= self.floor else 0.0
 
     def update(self, gap_sum: float, count: int) -> float:

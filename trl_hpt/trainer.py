@@ -184,7 +184,12 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
             else None
         )
         self.style_gate = (
-            StyleGate(args.style_gate_temperature, args.style_gate_momentum, floor=args.style_gate_floor)
+            StyleGate(
+                args.style_gate_temperature,
+                args.style_gate_momentum,
+                floor=args.style_gate_floor,
+                start=args.style_gate_start,
+            )
             if args.style_gate
             else None
         )
