@@ -107,8 +107,8 @@ class HPTConfig(GRPOConfig):
             slot and, in `"soft"`/LUFFY groups, lift the group's mean reward). `0`: the factor only scales.
         style_gate_start (`float`, *optional*, defaults to `1.0`):
             The style gate's factor until a generation batch has a solved prompt with a demonstration to measure the
-            gap on. `1`: imitate at full weight until then; `0` (with a floor above 0): closed until measured, so a
-            model that solves nothing at first is not taught the demonstrations' style before the gate can judge it.
+            gap on. `1`: imitate at full weight until then; `0`: closed until measured (nothing placed), so a model
+            that solves nothing at first is not taught the demonstrations' style before the gate can judge it.
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -266,7 +266,7 @@ class HPTConfig(GRPOConfig):
         default=1.0,
         metadata={
             "help": "The style gate's factor until a solved prompt with a demonstration has measured the gap. 1: full "
-            "weight until then; 0 (with a floor above 0): closed until measured."
+            "weight until then; 0: closed until measured (nothing placed)."
         },
     )
     max_demonstration_length: int | None = field(
