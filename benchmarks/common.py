@@ -153,6 +153,18 @@ def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def settings_differences(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings two runs disagree on, but for the seed count and `ignore` (tuples and JSON lists compare equal)."""
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    keys = (set(a) | set(b)) - {"seeds", *ignore}
+    return sorted(k for k in keys if a.get(k) != b.get(k))
+
+
+def same_settings(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether two runs' settings agree but for the seed count and `ignore`."""
+    return not settings_differences(a, b, ignore)
+
+
 def shared_training_values(output_dir: str, learning_rate: float, steps: int, seed: int, device: str = "cpu") -> dict:
     """
     The `TrainingArguments` every method of a learning comparison shares, TRL's SFTTrainer and GRPOTrainer included:

@@ -77,6 +77,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     pass_at_k,
     read_json,
+    settings_differences,
     settings_overrides,
     setup_environment,
     share,
@@ -742,7 +743,6 @@ def write_report(report: dict, out_dir: Path, json_path: str | None = None) -> d
 
 # Settings that parametrise only some methods, or no method's final numbers: runs that differ in them still pair.
 _MERGE_IGNORED = (
-    "seeds",
     "custom_fields",
     "sensitivity_lr",
     "sensitivity_methods",
@@ -759,7 +759,7 @@ def merge_reports(parts: list[tuple[dict, list[str] | None]]) -> dict:
         parts (`list[tuple[dict, list[str] | None]]`):
             Each run's report and the methods to take from it (`None`: all of them).
 
-    Every run's settings must agree but for those of `_MERGE_IGNORED`, and every run's warm start must score the same
+    Every run's settings must agree but for the seed count and those of `_MERGE_IGNORED`, and every run's warm start must score the same
     on every shared seed: the pairs by seed are only pairs if the methods started from the same weights. A setting
     that parametrises one method (`custom_fields`, `kl_beta`, `sft_grpo_sft_fraction`) is taken from the run that has
     it; a method taken from two runs is an error; seeds missing from some run are left out. The learning-rate
@@ -777,14 +777,9 @@ def merge_reports(parts: list[tuple[dict, list[str] | None]]) -> dict:
                 raise ValueError(f"method {method!r} is taken from more than one run")
             owners[method] = report
     first = parts[0][0]
-
-    def comparable(settings: dict) -> dict:
-        return {k: v for k, v in settings.items() if k not in _MERGE_IGNORED}
-
     for report, _ in parts[1:]:
-        if comparable(report["settings"]) != comparable(first["settings"]):
-            keys = set(comparable(first["settings"])) | set(comparable(report["settings"]))
-            diff = sorted(k for k in keys if first["settings"].get(k) != report["settings"].get(k))
+        diff = settings_differences(first["settings"], report["settings"], ignore=_MERGE_IGNORED)
+        if diff:
             raise ValueError(f"cannot merge runs whose settings differ in {diff}")
     seeds = set.intersection(*(set(report["results"]["seeds"]) for report, _ in parts))
     if not seeds:

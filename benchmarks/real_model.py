@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -72,6 +71,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     pass_at_k,
     read_json,
+    same_settings,
     settings_overrides,
     setup_environment,
     share,
@@ -712,15 +712,6 @@ def summarize(report: dict) -> dict:
         if reference in methods and len(methods) > 1
     }
     return report
-
-
-def same_settings(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> bool:
-    """Whether two runs' settings agree but for the seed count and `ignore` (tuples and JSON lists compare equal)."""
-
-    def comparable(settings):
-        return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ("seeds", *ignore)}
-
-    return comparable(a) == comparable(b)
 
 
 def model_identity(model_dir: str) -> str:

@@ -989,22 +989,16 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     if args.sweep and args.tasks:
         parser.error("--sweep or --tasks, not both")
-    if args.tasks:
-        text = learning_tasks_tables([json.loads(path.read_text()) for path in args.json]) + "\n"
-        if args.markdown is not None:
-            args.markdown.write_text(text)
-        else:
-            sys.stdout.write(text)
-        return text
-    if args.sweep:
-        text = learning_sweep_table([json.loads(path.read_text()) for path in args.json]) + "\n"
+    if args.sweep or args.tasks:
+        tables = learning_tasks_tables if args.tasks else learning_sweep_table
+        text = tables([json.loads(path.read_text()) for path in args.json]) + "\n"
         if args.markdown is not None:
             args.markdown.write_text(text)
         else:
             sys.stdout.write(text)
         return text
     if len(args.json) > 1:
-        parser.error("one report at a time (several only with --sweep)")
+        parser.error("one report at a time (several only with --sweep or --tasks)")
     args.json = args.json[0]
     report = json.loads(args.json.read_text())
     try:
