@@ -131,6 +131,9 @@ class RealModelSettings:
     train_size: int = 256
     validation_size: int = 16
     test_size: int = 48
+    # Problems of a split for choosing configurations (0: none): every run is also evaluated on it, greedy and pass@k
+    # from `eval_samples` samples each; drawn after the others, so that it changes no train or test problem.
+    tuning_size: int = 0
     families: tuple[str, ...] = ("2d+1d", "2d+2d")
     # Post-training, the same for every method
     steps: int = 20
@@ -336,6 +339,21 @@ def evaluate(model, tokenizer, split, retention, reference, settings: RealModelS
     for k in settings.pass_k:
         result[f"pass@{k}"] = share(pass_at_k(settings.eval_samples, c, k) for c in counts)
     result["examples"] = {"test": test_texts[:3], "retention": retention_texts[:3]}
+    if split.get("tuning"):
+        result.update(evaluate_tuning(model, tokenizer, split["tuning"], settings, seed))
+    return result
+
+
+def evaluate_tuning(model, tokenizer, problems, settings: RealModelSettings, seed: int) -> dict:
+    """Greedy accuracy, boxed share and pass@k on the tuning split, as `tuning_<metric>` entries."""
+    from trl_hpt.rewards import extract_boxed
+
+    texts = generate(model, tokenizer, [p["question"] for p in problems], settings, do_sample=False)
+    greedy = [r or 0.0 for r in answer_reward(texts, solution=[p["answer"] for p in problems])]
+    counts = sampled_counts(model, tokenizer, problems, settings, settings.eval_samples, seed)
+    result = {"tuning_greedy": share(greedy), "tuning_boxed": share(extract_boxed(t) is not None for t in texts)}
+    for k in settings.pass_k:
+        result[f"tuning_pass@{k}"] = share(pass_at_k(settings.eval_samples, c, k) for c in counts)
     return result
 
 
@@ -556,7 +574,7 @@ def run(
     from datasets import Dataset
 
     sizes = {"train": settings.train_size, "validation": settings.validation_size, "test": settings.test_size}
-    split = make_split(sizes, settings.families)
+    split = make_split({**sizes, "tuning": settings.tuning_size}, settings.families)
     retention = retention_problems(settings.retention_size)
     dataset = Dataset.from_list(conversational_rows(split["train"]))
     base_model, tokenizer = load_model(model_dir, device)
@@ -570,7 +588,9 @@ def run(
         "seeds": {},
     }
     if base_results is not None:
-        results["base_competence"], results["base"] = base_results["base_competence"], base_results["base"]
+        results["base_competence"], results["base"] = base_results["base_competence"], dict(base_results["base"])
+        if split.get("tuning") and "tuning_greedy" not in results["base"]:
+            results["base"].update(evaluate_tuning(base_model, tokenizer, split["tuning"], settings, seed=1000))
     else:
         results["base_competence"] = base_competence(base_model, tokenizer, split, settings)
     print(f"[real_model] base competence on validation ({time.time() - start:.0f}s): {brief_competence(results)}")
@@ -685,8 +705,8 @@ def main(argv=None) -> dict:
     base_results = None
     if args.base_from:
         earlier = read_json(Path(args.base_from))
-        # The base model's measurements do not depend on custom_fields.
-        if not same_settings(earlier["settings"], report["settings"], ignore=("custom_fields",)):
+        # The base model's measurements do not depend on custom_fields; a tuning split is measured here if missing.
+        if not same_settings(earlier["settings"], report["settings"], ignore=("custom_fields", "tuning_size")):
             raise ValueError(f"--base-from {args.base_from}: its settings differ from this run's")
         base_results = earlier["results"]
     report["results"] = run(
@@ -744,13 +764,17 @@ def merge_reports(reports: list[dict]) -> dict:
         for key in ("device", "quick"):
             if other[key] != first[key]:
                 raise ValueError(f"cannot merge runs whose {key!r} differ: {first[key]!r} vs {other[key]!r}")
-        # custom_fields parametrise hpt_custom only.
-        if not same_settings(other["settings"], first["settings"], ignore=("custom_fields",)):
+        # custom_fields parametrise hpt_custom only; the tuning split changes no train or test problem, and only
+        # the first report's tuning metrics are aggregated.
+        if not same_settings(other["settings"], first["settings"], ignore=("custom_fields", "tuning_size")):
             raise ValueError("cannot merge runs with different settings (other than the number of seeds)")
     customs = {tuple(r["settings"].get("custom_fields", ())) for r in reports if "hpt_custom" in r["methods"]}
     if len(customs) > 1:
         raise ValueError(f"cannot merge hpt_custom runs with different custom_fields: {sorted(customs)}")
     merged = copy.deepcopy(first)
+    # Tuning metrics are aggregated only when every run measured the same tuning split.
+    tuning = {r["settings"].get("tuning_size", 0) for r in reports}
+    merged["settings"]["tuning_size"] = tuning.pop() if len(tuning) == 1 else 0
     if customs:
         merged["settings"]["custom_fields"] = list(customs.pop())
     seeds: dict[str, dict] = {}

@@ -89,7 +89,8 @@ def make_split(
     sizes: dict[str, int], families: tuple[str, ...] = tuple(FAMILIES), seed: int = 0, instruction: str | None = None
 ) -> dict:
     """
-    Disjoint `train`, `validation` and `test` lists of problems, drawn evenly from `families` (round robin).
+    Disjoint `train`, `validation` and `test` lists of problems, drawn evenly from `families` (round robin), and a
+    `tuning` list when `sizes` asks for one (drawn last, so that it changes none of the others).
 
     Each problem is a dict: `question` (`What is a + b?`, then `instruction` if given), `answer` (the sum, a string), `solution` (the worked
     solution), `family`, `carry` (whether any column carries).
@@ -97,7 +98,8 @@ def make_split(
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
     out: dict[str, list[dict]] = {}
-    for split in ("test", "validation", "train"):  # test first: its problems do not depend on the train size
+    # Test first: its problems do not depend on the train size.
+    for split in ("test", "validation", "train", *(("tuning",) if sizes.get("tuning") else ())):
         problems = []
         while len(problems) < sizes[split]:
             family = families[len(problems) % len(families)]

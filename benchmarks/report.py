@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -395,8 +396,11 @@ def learning_paired(results: dict, methods: Sequence[str], reference: str = "hpt
 
 
 def real_model_metrics(settings: dict) -> list[str]:
-    """The final metrics the real-model benchmark aggregates and compares."""
-    return ["greedy", *(f"pass@{k}" for k in settings["pass_k"]), "boxed", "retention", "kl"]
+    """The final metrics the real-model benchmark aggregates and compares (the tuning split's when it has one)."""
+    metrics = ["greedy", *(f"pass@{k}" for k in settings["pass_k"]), "boxed", "retention", "kl"]
+    if settings.get("tuning_size"):
+        metrics += ["tuning_greedy", *(f"tuning_pass@{k}" for k in settings["pass_k"]), "tuning_boxed"]
+    return metrics
 
 
 def _real_model_extras(records: list[dict]) -> dict:
@@ -894,8 +898,31 @@ def render_real_model(report: dict) -> str:
         "s/step: median seconds per optimizer step; s/run: training and evaluation. SFT share: mean share of prompts "
         "HPTTrainer sent to the demonstration term.",
     ]
+    tuning = settings.get("tuning_size", 0)
+    if tuning:
+        tuning_metrics = ["tuning_greedy", *(f"tuning_pass@{k}" for k in ks), "tuning_boxed"]
+        rows = [
+            [
+                labels[method],
+                *(f"{100 * agg[method][m][0]:.1f} +- {100 * agg[method][m][1]:.1f}" for m in tuning_metrics),
+            ]
+            for method in methods
+        ]
+        base_row = [
+            "base model (before post-training)",
+            *(f"{100 * base.get(m, math.nan):.1f}" for m in tuning_metrics),
+        ]
+        lines += [
+            "",
+            f"Tuning split ({tuning} problems, disjoint from train and test; pass@k from {settings['eval_samples']} "
+            "samples on every problem), the split configurations are chosen on:",
+            "",
+            markdown_table(["method", "greedy", *(f"pass@{k}" for k in ks), "boxed"], [base_row, *rows]),
+        ]
     metrics = real_model_metrics(settings)
     headers = ["greedy", *(f"pass@{k}" for k in ks), "boxed", "retention", "KL"]
+    if tuning:
+        headers += ["tuning greedy", *(f"tuning pass@{k}" for k in ks), "tuning boxed"]
     columns = [(h, m, _nats if m == "kl" else _points) for h, m in zip(headers, metrics)]
     lines += paired_tables(
         report.get("paired", {}),

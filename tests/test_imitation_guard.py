@@ -169,6 +169,47 @@ def test_style_scale_and_its_moving_average():
     assert math.isnan(fresh.gap)
 
 
+def test_style_gate_pools_its_first_measurement_over_min_prompts():
+    gate = StyleGate(temperature=0.1, momentum=0.9, floor=0.05, start=0.0, min_prompts=4)
+    assert gate.update(-0.1, 1) == 0.0 and math.isnan(gate.gap)  # one prompt's gap does not decide
+    assert gate.update(-1.4, 2) == 0.0 and math.isnan(gate.gap) and gate.pooled_count == 3
+    # A saved gate waiting for prompts resumes its pool.
+    restored = StyleGate(temperature=0.1, momentum=0.9, floor=0.05, start=0.0, min_prompts=4)
+    restored.load_state_dict(json.loads(json.dumps(gate.state_dict())))
+    assert (restored.pooled_sum, restored.pooled_count) == (pytest.approx(-1.5), 3)
+    for g in (gate, restored):
+        g.update(-0.5, 1)  # the fourth prompt: the mean of all four is the first gap, the pool is emptied
+        assert g.gap == pytest.approx(-0.5) and g.pooled_count == 0 and g.scale == 0.0  # exp(-5) < floor
+        g.update(1.0, 1)  # then the moving average, batch by batch
+        assert g.gap == pytest.approx(0.9 * -0.5 + 0.1 * 1.0)
+    # Checkpoints written before pooling existed hold only the gap.
+    old = StyleGate(temperature=0.1, momentum=0.9, min_prompts=4)
+    old.load_state_dict({"gap": None})
+    assert math.isnan(old.gap) and old.pooled_count == 0
+    # The first batch decides alone by default.
+    single = StyleGate(temperature=0.1, momentum=0.9)
+    single.update(-0.1, 1)
+    assert single.gap == pytest.approx(-0.1)
+
+
+def test_trainer_waits_for_min_prompts_before_the_style_gate_opens(tmp_path, char_tokenizer):
+    counts = [0, 1, 2, 0]  # two solved prompts with a demonstration per generation batch
+    fields = dict(style_gate=True, style_gate_start=0.0, style_gate_floor=0.0, style_gate_temperature=100.0)
+    trainer = _trainer(tmp_path, char_tokenizer, counts, style_gate_min_prompts=3, **fields)
+    torch.manual_seed(0)
+    first = hpt_rows(generation_batch(trainer, G))
+    # Two prompts scored, three needed: still closed, and every prompt keeps its rollouts.
+    assert math.isnan(trainer.style_gate.gap) and trainer.style_gate.pooled_count == 2
+    assert not first.demonstration.any() and trainer._metrics["train"]["hpt/style_scale"] == [0.0]
+    second = hpt_rows(generation_batch(trainer, G))
+    gaps = trainer._metrics["train"]["hpt/style_gap"]
+    # The first gap is the mean over the four pooled prompts (each batch's logged gap is its own mean of two).
+    assert trainer.style_gate.gap == pytest.approx(sum(gaps) / 2, abs=1e-6) and trainer.style_gate.pooled_count == 0
+    assert second.demonstration.sum() == 2
+    scale = math.exp(min(trainer.style_gate.gap, 0.0) / 100.0)
+    torch.testing.assert_close(second.weights[second.demonstration], torch.full((2,), scale))
+
+
 def _mean_logp(trainer, prompt, completion):
     """One pair scored on its own (no padding), independently of the trainer's batching."""
     ids = torch.tensor([prompt + completion])
@@ -271,6 +312,8 @@ def test_style_gate_off_by_default_validated_and_resumed(tmp_path, char_tokenize
         ("style_gate_floor", 1.0),
         ("style_gate_floor", -0.1),
         ("style_gate_start", 1.5),
+        ("style_gate_min_prompts", 0),
+        ("style_gate_min_prompts", 2.5),
     ]:
         with pytest.raises(ValueError, match=field):
             HPTConfig(str(tmp_path), use_cpu=True, **{field: bad})

@@ -109,6 +109,11 @@ class HPTConfig(GRPOConfig):
             The style gate's factor until a generation batch has a solved prompt with a demonstration to measure the
             gap on. `1`: imitate at full weight until then; `0`: closed until measured (nothing placed), so a model
             that solves nothing at first is not taught the demonstrations' style before the gate can judge it.
+        style_gate_min_prompts (`int`, *optional*, defaults to `1`):
+            How many solved prompts with a demonstration the style gate scores before its first measurement counts:
+            their gaps are pooled over as many generation batches as that takes, the factor stays
+            `style_gate_start` until then, and their mean is the first smoothed gap. `1`: the first batch with a
+            solved prompt decides (one prompt's gap can be far from the task's when the model solves little).
         max_demonstration_length (`int`, *optional*):
             Demonstrations longer than this (in tokens) are truncated. `None`: `max_completion_length`.
         hpt_report (`bool`, *optional*, defaults to `True`):
@@ -269,6 +274,14 @@ class HPTConfig(GRPOConfig):
             "weight until then; 0: closed until measured (nothing placed)."
         },
     )
+    style_gate_min_prompts: int = field(
+        default=1,
+        metadata={
+            "help": "Solved prompts with a demonstration the style gate scores (pooled over generation batches) before "
+            "its first measurement counts; the factor is style_gate_start until then. 1: the first batch with a solved "
+            "prompt decides."
+        },
+    )
     max_demonstration_length: int | None = field(
         default=None,
         metadata={"help": "Truncate demonstrations to this many tokens. None: use max_completion_length."},
@@ -397,6 +410,12 @@ class HPTConfig(GRPOConfig):
             raise ValueError(f"HPTConfig.style_gate_floor must be in [0, 1), got {self.style_gate_floor}.")
         if not 0 <= self.style_gate_start <= 1:
             raise ValueError(f"HPTConfig.style_gate_start must be in [0, 1], got {self.style_gate_start}.")
+        if isinstance(self.style_gate_min_prompts, bool) or not (
+            isinstance(self.style_gate_min_prompts, int) and self.style_gate_min_prompts >= 1
+        ):
+            raise ValueError(
+                f"HPTConfig.style_gate_min_prompts must be an integer >= 1, got {self.style_gate_min_prompts!r}."
+            )
         if self.style_gate and self.feedback == "rl":
             raise ValueError(
                 "HPTConfig.style_gate scales the demonstration term, which feedback='rl' does not have; "

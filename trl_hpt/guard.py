@@ -182,9 +182,9 @@ def style_scale(gap: float, temperature: float) -> float:
 @dataclass
 class StyleGate(_JsonState):
     """
-    The style gate's smoothed gap (see the module docstring): NaN until a generation batch has a solved prompt with
-    a demonstration, then the first batch's gap, then an exponential moving average with weight `momentum` on the
-    past.
+    The style gate's smoothed gap (see the module docstring): NaN until `min_prompts` solved prompts with a
+    demonstration have been scored (their gaps pooled over as many generation batches as that takes), then their mean,
+    then an exponential moving average with weight `momentum` on the past.
     """
 
     temperature: float
@@ -192,6 +192,10 @@ class StyleGate(_JsonState):
     gap: float = float("nan")
     floor: float = 0.0
     start: float = 1.0
+    min_prompts: int = 1
+    # Gaps scored before the first measurement, waiting for `min_prompts` of them.
+    pooled_sum: float = 0.0
+    pooled_count: int = 0
 
     @property
     def scale(self) -> float:
@@ -201,16 +205,31 @@ class StyleGate(_JsonState):
 
     def update(self, gap_sum: float, count: int) -> float:
         """The next smoothed gap from the gaps of `count` solved prompts summed over every process; returns the scale."""
-        if count:
-            gap = gap_sum / count
-            self.gap = gap if math.isnan(self.gap) else self.momentum * self.gap + (1.0 - self.momentum) * gap
+        if not count:
+            return self.scale
+        if math.isnan(self.gap):
+            # One solved prompt's gap is too noisy to decide a run on: pool until enough prompts have been scored.
+            self.pooled_sum += gap_sum
+            self.pooled_count += count
+            if self.pooled_count >= self.min_prompts:
+                self.gap = self.pooled_sum / self.pooled_count
+                self.pooled_sum, self.pooled_count = 0.0, 0
+        else:
+            self.gap = self.momentum * self.gap + (1.0 - self.momentum) * gap_sum / count
         return self.scale
 
     def state_dict(self) -> dict:
-        return {"gap": None if math.isnan(self.gap) else self.gap}
+        return {
+            "gap": None if math.isnan(self.gap) else self.gap,
+            "pooled_sum": self.pooled_sum,
+            "pooled_count": self.pooled_count,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.gap = float("nan") if state["gap"] is None else float(state["gap"])
+        # Checkpoints written before pooling existed hold only the gap.
+        self.pooled_sum = float(state.get("pooled_sum", 0.0))
+        self.pooled_count = int(state.get("pooled_count", 0))
 
 
 def guard_state_path(checkpoint: str | os.PathLike, process_index: int, name: str = "imitation_guard") -> str:

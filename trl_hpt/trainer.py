@@ -189,6 +189,7 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
                 args.style_gate_momentum,
                 floor=args.style_gate_floor,
                 start=args.style_gate_start,
+                min_prompts=args.style_gate_min_prompts,
             )
             if args.style_gate
             else None
