@@ -270,6 +270,36 @@ def test_real_model_custom_runs_merge_with_runs_of_other_methods():
         merge_reports([grpo_steps, custom])
 
 
+def test_real_model_tuning_split_changes_no_other_split():
+    from benchmarks.real_model_tasks import make_split
+
+    sizes = {"train": 40, "validation": 8, "test": 12}
+    plain, tuned = make_split(sizes), make_split({**sizes, "tuning": 20})
+    assert "tuning" not in plain and len(tuned["tuning"]) == 20
+    for name in sizes:
+        assert tuned[name] == plain[name]
+    seen = {p["question"] for name in sizes for p in tuned[name]}
+    assert not seen & {p["question"] for p in tuned["tuning"]}  # disjoint from every other split
+
+
+def test_real_model_tuning_metrics_merge_only_when_every_run_has_them():
+    from benchmarks.real_model import merge_reports
+
+    def tuned(seeds, methods, size=8):
+        report = _real_model_report(seeds, methods=methods)
+        report["settings"].update(tuning_size=size, pass_k=[1])
+        for records in report["results"]["seeds"].values():
+            for record in records.values():
+                record["final"] = {**record["final"], "tuning_greedy": 0.25, "tuning_pass@1": 0.5}
+        return report
+
+    assert merge_reports([tuned([0], ("grpo",)), tuned([0], ("hpt",))])["settings"]["tuning_size"] == 8
+    baseline = _real_model_report([0], methods=("sft",))  # measured before the tuning split existed
+    baseline["settings"]["pass_k"] = [1]
+    assert merge_reports([baseline, tuned([0], ("hpt",))])["settings"]["tuning_size"] == 0
+    assert merge_reports([tuned([0], ("grpo",), 8), tuned([0], ("hpt",), 16)])["settings"]["tuning_size"] == 0
+
+
 def _learning_report(methods, seeds=(0, 1), warm=0.3, custom=(), steps=300, score=0.5):
     metrics = {"greedy": warm, "greedy_carry": 0.0, "greedy_no_carry": 0.6, "pass@4": warm}
     per_seed = {
