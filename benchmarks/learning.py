@@ -52,6 +52,9 @@ Usage:
     python benchmarks/learning.py --methods hpt sft --seeds 1
     # a new configuration against stored baselines of the same seeds (methods after ":" taken from that file):
     python benchmarks/learning.py --report base/learning.json:sft_trl,grpo_trl new/learning.json --out-dir merged
+    # five more seeds of a stored comparison, then all ten together:
+    python benchmarks/learning.py --seed-list 5 6 7 8 9 --methods sft_trl grpo_trl --out-dir more
+    python benchmarks/learning.py --report base/learning.json more/learning.json --out-dir merged
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -603,7 +607,7 @@ def _demonstration_token_weights(trainer, batch, settings: LearningSettings) -> 
     }
 
 
-def run(settings: LearningSettings, methods: list[str]) -> dict:
+def run(settings: LearningSettings, methods: list[str], seeds: list[int] | None = None) -> dict:
     from datasets import Dataset
 
     from trl_hpt.testing import build_char_tokenizer, build_tiny_model
@@ -617,7 +621,7 @@ def run(settings: LearningSettings, methods: list[str]) -> dict:
     sensitivity = None
     if settings.sensitivity_lr is not None:
         sensitivity = dataclasses.replace(settings, learning_rate=settings.sensitivity_lr)
-    for seed in range(settings.seeds):
+    for seed in range(settings.seeds) if seeds is None else seeds:
         start = time.time()
         model = build_tiny_model(tokenizer, settings.hidden_size, settings.num_layers, seed=seed)
         warm_start(model, tokenizer, warm_start_problems(split, settings), settings, seed)
@@ -660,6 +664,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, a few steps, small evaluation")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5; quick: 1)")
+    parser.add_argument(
+        "--seed-list",
+        type=int,
+        nargs="+",
+        help="run exactly these seeds (more seeds for a stored comparison, or its seeds shared among processes; "
+        "merge with --report)",
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
     parser.add_argument(
         "--methods", nargs="+", choices=list(METHODS), default=[m for m in METHODS if m not in NOT_DEFAULT]
@@ -679,8 +690,8 @@ def main(argv=None) -> dict:
         "--report",
         nargs="+",
         metavar="JSON[:METHOD,...]",
-        help="train nothing: merge these learning.json files (the same seeds and settings, disjoint methods; "
-        "':m1,m2' takes only those methods from a file) and render them",
+        help="train nothing: merge these learning.json files (the same settings; disjoint methods, disjoint seeds or "
+        "both; ':m1,m2' takes only those methods from a file) and render them",
     )
     args = parser.parse_args(argv)
     if args.report:
@@ -695,6 +706,10 @@ def main(argv=None) -> dict:
     overrides = settings_overrides(settings, args.set)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
+    if args.seed_list:
+        if len(set(args.seed_list)) != len(args.seed_list):
+            parser.error(f"--seed-list {args.seed_list}: a seed is listed twice")
+        overrides["seeds"] = len(args.seed_list)
     if args.steps is not None:
         overrides["steps"] = args.steps
     settings = dataclasses.replace(settings, **overrides)
@@ -708,7 +723,7 @@ def main(argv=None) -> dict:
         "quick": args.quick,
     }
     print(f"[learning] {machine_line(report['machine'])}", flush=True)
-    report["results"] = run(settings, args.methods)
+    report["results"] = run(settings, args.methods, seeds=args.seed_list)
     report["seconds"] = time.time() - start
     return write_report(report, Path(args.out_dir), args.json)
 
@@ -753,49 +768,58 @@ _MERGE_IGNORED = (
 
 def merge_reports(parts: list[tuple[dict, list[str] | None]]) -> dict:
     """
-    One report from runs of disjoint methods on the same seeds (a new configuration against stored baselines).
+    One report from runs of the same settings: disjoint methods on the same seeds (a new configuration against stored
+    baselines), the same methods on disjoint seeds (more seeds for a stored comparison), or both.
 
     Args:
         parts (`list[tuple[dict, list[str] | None]]`):
             Each run's report and the methods to take from it (`None`: all of them).
 
-    Every run's settings must agree but for the seed count and those of `_MERGE_IGNORED`, and every run's warm start must score the same
-    on every shared seed: the pairs by seed are only pairs if the methods started from the same weights. A setting
-    that parametrises one method (`custom_fields`, `kl_beta`, `sft_grpo_sft_fraction`) is taken from the run that has
-    it; a method taken from two runs is an error; seeds missing from some run are left out. The learning-rate
-    sensitivity runs are not merged.
+    Every run's settings must agree but for the seed count and those of `_MERGE_IGNORED`, and every run's warm start
+    must score the same on every shared seed: the pairs by seed are only pairs if the methods started from the same
+    weights. A setting that parametrises one method (`custom_fields`, `kl_beta`, `sft_grpo_sft_fraction`) is taken
+    from the runs that have that method, which must agree on it; a method taken from two runs for the same seed is an
+    error; a seed that lacks some method is left out, so that every reported seed pairs every method. The
+    learning-rate sensitivity runs are not merged.
     """
     if not parts:
         raise ValueError("nothing to merge")
-    owners: dict[str, dict] = {}
+    owners: dict[str, list[dict]] = {}
+    claimed: dict[tuple[str, str], dict] = {}
     for report, wanted in parts:
         methods = report["methods"] if wanted is None else wanted
         for method in methods:
             if method not in report["methods"]:
                 raise ValueError(f"method {method!r} is not in that run (it has {report['methods']})")
-            if method in owners:
-                raise ValueError(f"method {method!r} is taken from more than one run")
-            owners[method] = report
+            for seed in report["results"]["seeds"]:
+                if (seed, method) in claimed:
+                    raise ValueError(f"seed {seed}: method {method!r} is taken from more than one run")
+                claimed[(seed, method)] = report
+            owners.setdefault(method, []).append(report)
     first = parts[0][0]
     for report, _ in parts[1:]:
         diff = settings_differences(first["settings"], report["settings"], ignore=_MERGE_IGNORED)
         if diff:
             raise ValueError(f"cannot merge runs whose settings differ in {diff}")
-    seeds = set.intersection(*(set(report["results"]["seeds"]) for report, _ in parts))
+    order = [m for m in METHODS if m in owners]
+    every_seed = {seed for report, _ in parts for seed in report["results"]["seeds"]}
+    seeds = sorted((seed for seed in every_seed if all((seed, m) in claimed for m in order)), key=int)
     if not seeds:
-        raise ValueError("the runs share no seed")
+        raise ValueError(f"no seed has every method of {order} in the runs")
     merged_seeds = {}
-    for seed in sorted(seeds, key=int):
-        base = first["results"]["seeds"][seed]
-        for report, _ in parts[1:]:
+    for seed in seeds:
+        holders = [report for report, _ in parts if seed in report["results"]["seeds"]]
+        base = holders[0]["results"]["seeds"][seed]
+        for report in holders[1:]:
             other = report["results"]["seeds"][seed]
             for key in ("warm_start", "warm_start_validation"):
                 if base.get(key) != other.get(key):
                     raise ValueError(f"seed {seed}: the runs' {key} differ, so their methods did not start alike")
         per_seed = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("methods", "sensitivity")}
-        per_seed["methods"] = {m: copy.deepcopy(r["results"]["seeds"][seed]["methods"][m]) for m, r in owners.items()}
+        per_seed["methods"] = {
+            m: copy.deepcopy(claimed[(seed, m)]["results"]["seeds"][seed]["methods"][m]) for m in order
+        }
         merged_seeds[seed] = per_seed
-    order = [m for m in METHODS if m in owners]
     settings = copy.deepcopy(first["settings"])
     settings.update(seeds=len(merged_seeds), sensitivity_lr=None)
     for field, method in (
@@ -804,8 +828,15 @@ def merge_reports(parts: list[tuple[dict, list[str] | None]]) -> dict:
         ("sft_grpo_sft_fraction", "sft_grpo"),
     ):
         if method in owners:
-            settings[field] = owners[method]["settings"][field]
+            values = {json.dumps(r["settings"][field]) for r in owners[method]}
+            if len(values) > 1:
+                raise ValueError(f"{method!r} is taken from runs whose {field!r} differ: {sorted(values)}")
+            settings[field] = owners[method][0]["settings"][field]
     results = {k: v for k, v in first["results"].items() if k != "seeds"}
+    # The gradient-scale diagnostic is measured on seed 0, by whichever run had it.
+    for report, _ in parts:
+        if "gradient_scale" in report["results"]:
+            results.setdefault("gradient_scale", report["results"]["gradient_scale"])
     results["seeds"] = merged_seeds
     return {
         "benchmark": "learning",
@@ -816,7 +847,12 @@ def merge_reports(parts: list[tuple[dict, list[str] | None]]) -> dict:
         "results": results,
         "seconds": max(r["seconds"] for r, _ in parts),
         "merged_from": [
-            {"machine": machine_line(r["machine"]), "methods": [m for m in order if owners[m] is r]} for r, _ in parts
+            {
+                "machine": machine_line(r["machine"]),
+                "methods": [m for m in order if any(claimed.get((s, m)) is r for s in seeds)],
+                "seeds": [s for s in seeds if any(claimed[(s, m)] is r for m in order)],
+            }
+            for r, _ in parts
         ],
     }
 

@@ -344,8 +344,44 @@ def test_learning_reports_of_disjoint_methods_merge(monkeypatch):
         learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], warm=0.2), None)])
     with pytest.raises(ValueError, match=r"differ in \['steps'\]"):
         learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], steps=100), None)])
-    with pytest.raises(ValueError, match="share no seed"):
+    with pytest.raises(ValueError, match="no seed has every method"):
         learning.merge_reports([(base, ["sft_trl"]), (_learning_report(["hpt_custom"], seeds=(7,)), None)])
+
+
+def test_learning_reports_of_disjoint_seeds_merge(monkeypatch):
+    import benchmarks.learning as learning
+    from benchmarks.report import learning_paired
+
+    monkeypatch.setattr(learning, "machine_line", lambda machine: "here")
+    custom = ["style_gate=True"]
+    # A stored comparison on seeds 0-1 (two files: baselines, the configuration) and five more seeds in one run.
+    base = _learning_report(["sft_trl", "grpo_trl", "hpt_custom"], custom=["old=1"])
+    new = _learning_report(["hpt_custom"], custom=custom, score=0.7)
+    more = _learning_report(["sft_trl", "grpo_trl", "hpt_custom"], seeds=(5, 6), custom=custom, score=0.4)
+    for seed in ("5", "6"):  # the new configuration wins on seeds 0-1 and loses on seeds 5-6
+        more["results"]["seeds"][seed]["methods"]["hpt_custom"]["final"]["greedy"] = 0.0
+    merged = learning.merge_reports([(base, ["sft_trl", "grpo_trl"]), (new, None), (more, None)])
+    assert list(merged["results"]["seeds"]) == ["0", "1", "5", "6"] and merged["settings"]["seeds"] == 4
+    assert merged["settings"]["custom_fields"] == custom
+    assert [(r["methods"], r["seeds"]) for r in merged["merged_from"]] == [
+        (["sft_trl", "grpo_trl"], ["0", "1"]),
+        (["hpt_custom"], ["0", "1"]),
+        (["sft_trl", "grpo_trl", "hpt_custom"], ["5", "6"]),
+    ]
+    paired = learning_paired(merged["results"], merged["methods"], "hpt_custom")
+    # seeds 0-1: 0.7 + 0.1 s against 0.5 + 0.1 s; seeds 5-6: 0.0 against 0.4 + 0.1 s.
+    assert paired["sft_trl"]["greedy"][0] == pytest.approx((0.2 + 0.2 - 0.9 - 1.0) / 4)
+    assert paired["sft_trl"]["wins"] == 2
+    # The same method on the same seed from two runs, or a configuration whose fields differ between its runs.
+    with pytest.raises(ValueError, match="seed 0: method 'sft_trl' is taken from more than one run"):
+        learning.merge_reports([(base, None), (_learning_report(["sft_trl"]), None)])
+    with pytest.raises(ValueError, match="'hpt_custom' is taken from runs whose 'custom_fields' differ"):
+        learning.merge_reports([(base, None), (more, None)])
+    # A seed that lacks a method is left out; the remaining seeds still pair.
+    partial = learning.merge_reports(
+        [(base, None), (_learning_report(["sft_trl"], seeds=(5,), custom=["old=1"]), None)]
+    )
+    assert list(partial["results"]["seeds"]) == ["0", "1"]
 
 
 def test_learning_tasks_table_puts_each_task_in_its_columns():
