@@ -91,6 +91,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_generation() -> str | None:
+    """`family F model M` of the first CPU (x86 Linux), or `None`: one model name can cover several generations."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        return None
+    if len(fields) < 2:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Date, machine, library versions and commit: what a reader needs to compare two benchmark tables."""
     import torch
@@ -100,6 +118,9 @@ def machine_info(device: str = "cpu") -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
+        # Two CPU generations under one model name round the same training differently (the toy warm start moves).
+        "cpu_generation": cpu_generation(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,

@@ -411,6 +411,7 @@ class _Recorder:
                         "hpt/replay_drift",
                         "hpt/style_scale",
                         "hpt/style_gap",
+                        "hpt/style_measured",
                         "completions/mean_length",
                     )
                     recorder.logs.append({k: logs[k] for k in keep if k in logs})
@@ -643,8 +644,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--report",
         nargs="+",
-        metavar="JSON",
-        help="train nothing: merge these real_model.json files (disjoint seeds of one configuration) and render them",
+        metavar="JSON[:METHOD,...]",
+        help="train nothing: merge these real_model.json files (disjoint seeds, disjoint methods of the same seeds, or "
+        "both; ':m1,m2' takes only those methods from a file) and render them",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
     parser.add_argument(
@@ -664,7 +666,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.report:
-        return write_report(merge_reports([read_json(Path(p)) for p in args.report]), out_dir)
+        reports = []
+        for item in args.report:
+            path, _, wanted = item.partition(":")
+            report = read_json(Path(path))
+            reports.append(select_methods(report, wanted.split(",")) if wanted else report)
+        return write_report(merge_reports(reports), out_dir)
 
     setup_environment(args.threads)
     if args.quick:
@@ -742,6 +749,25 @@ def model_identity(model_dir: str) -> str:
     name = Path(model_dir).name
     stem, _, key = name.rpartition("-")
     return stem if stem and len(key) == 16 and all(c in "0123456789abcdef" for c in key) else name
+
+
+def select_methods(report: dict, methods: list[str]) -> dict:
+    """
+    `report` restricted to `methods` (for a merge: a run that also measured a baseline another file already has);
+    `custom_fields` stays, and is ignored by the merge when `hpt_custom` is not among them.
+    """
+    missing = [m for m in methods if m not in report["methods"]]
+    if missing:
+        raise ValueError(f"methods {missing} are not in that run (it has {report['methods']})")
+    selected = {k: v for k, v in report.items() if k not in ("aggregate", "paired")}
+    selected["methods"] = [m for m in report["methods"] if m in methods]
+    results = dict(report["results"])
+    results["seeds"] = {
+        seed: {m: record for m, record in records.items() if m in methods}
+        for seed, records in report["results"]["seeds"].items()
+    }
+    selected["results"] = results
+    return selected
 
 
 def merge_reports(reports: list[dict]) -> dict:

@@ -125,8 +125,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str 
 def machine_line(info: dict) -> str:
     """One line of the date, machine, library versions and commit of `benchmarks.common.machine_info`."""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    generation = f" {info['cpu_generation']}" if info.get("cpu_generation") else ""
     return (
-        f"{info['date']}, {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}, "
+        f"{info['date']}, {info['cpu']}{generation} ({info['cpu_cores']} cores, {info['torch_threads']} torch "
+        f"threads){gpu}, "
         f"torch {info['torch']}, trl {info['trl']}, transformers {info['transformers']}, commit {info['commit']}"
     )
 
@@ -311,11 +313,33 @@ def learning_config_label(settings: dict, method: str) -> str:
     return LEARNING_METHODS[method]
 
 
+def check_warm_starts(reports: Sequence[dict]) -> None:
+    """
+    Raise unless the learning reports of each task share their warm start on every seed they have in common.
+
+    Rows from runs whose methods started from other weights (another machine or library version can move the warm
+    start) do not compare; a table of them would silently show one run's warm start for all.
+    """
+    seen: dict[tuple[str, str], dict] = {}
+    for report in reports:
+        style = report["settings"].get("demonstration_style", "plain")
+        for seed, per_seed in report["results"]["seeds"].items():
+            start = {k: per_seed.get(k) for k in ("warm_start", "warm_start_validation")}
+            first = seen.setdefault((style, seed), {"start": start, "report": report})
+            if first["start"] != start:
+                raise ValueError(
+                    f"task {style!r}, seed {seed}: the warm start differs between the run of "
+                    f"{machine_line(first['report']['machine'])} and that of {machine_line(report['machine'])}, so "
+                    "their methods did not start alike; rerun one of them where the other ran"
+                )
+
+
 def learning_sweep_table(reports: Sequence[dict]) -> str:
     """
     Validation accuracy of every configuration in `reports` (learning reports with a validation split), one column
     pair per task (demonstration style), with the mean greedy accuracy over the tasks a configuration ran on.
     """
+    check_warm_starts(reports)
     styles, table = [], {}
     for report in reports:
         if "aggregate_validation" not in report:
@@ -351,6 +375,7 @@ def learning_tasks_tables(reports: Sequence[dict], reference: str = "hpt_custom"
     per task (demonstration style), mean +- std over seeds; then `reference` of each report minus every other method
     of that report, paired by seed (greedy, with the seeds ahead, and no-carry accuracy, the task's retention).
     """
+    check_warm_starts(reports)
     styles, table, pairs = [], {}, {}
     for report in reports:
         settings = report["settings"]
@@ -1018,7 +1043,10 @@ def main(argv=None) -> str:
         parser.error("--sweep or --tasks, not both")
     if args.sweep or args.tasks:
         tables = learning_tasks_tables if args.tasks else learning_sweep_table
-        text = tables([json.loads(path.read_text()) for path in args.json]) + "\n"
+        try:
+            text = tables([json.loads(path.read_text()) for path in args.json]) + "\n"
+        except ValueError as error:
+            parser.error(str(error))
         if args.markdown is not None:
             args.markdown.write_text(text)
         else:

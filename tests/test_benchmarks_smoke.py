@@ -237,6 +237,31 @@ def test_real_model_reports_of_disjoint_seeds_merge():
     assert merged["left_out_seeds"] == ["1"] and merged["settings"]["seeds"] == 1
 
 
+def test_real_model_report_takes_only_the_listed_methods_of_a_file(tmp_path):
+    from benchmarks.real_model import main, merge_reports, select_methods
+
+    stored = _real_model_report([0, 1], methods=("sft", "grpo"))
+    # A new configuration run beside its own GRPO, on the stored seeds: GRPO is in both files.
+    new = _real_model_report([0, 1], methods=("grpo", "hpt"))
+    new["results"]["seeds"]["0"]["hpt"]["final"] = {"greedy": 0.75}
+    with pytest.raises(ValueError, match="more than one run"):
+        main(["--report", *(_write(tmp_path / n, r) for n, r in (("a.json", stored), ("b.json", new)))])
+    only = select_methods(new, ["hpt"])
+    assert only["methods"] == ["hpt"] and all(list(r) == ["hpt"] for r in only["results"]["seeds"].values())
+    assert new["methods"] == ["grpo", "hpt"]  # the file's report is left as it was
+    merged = merge_reports([stored, only])
+    assert merged["methods"] == ["sft", "grpo", "hpt"] and merged["results"]["seeds"]["0"]["hpt"]["final"] == {
+        "greedy": 0.75
+    }
+    with pytest.raises(ValueError, match=r"methods \['luffy'\] are not in that run"):
+        select_methods(new, ["luffy"])
+
+
+def _write(path, report):
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
 def test_real_model_reports_of_one_gguf_converted_twice_merge():
     from benchmarks.real_model import merge_reports, model_identity
 
@@ -407,3 +432,30 @@ def test_learning_tasks_table_puts_each_task_in_its_columns():
         "| HPT, `style_gate=True` | GRPO (TRL `GRPOTrainer`) | +10.0 +- 0.0 (2/2) | +0.0 +- 0.0 | +10.0 +- 0.0 (2/2) |"
         in text
     )
+
+
+def test_learning_tables_refuse_runs_that_started_from_other_weights(monkeypatch):
+    import benchmarks.report as report_module
+
+    monkeypatch.setattr(report_module, "machine_line", lambda machine: machine.get("name", "?"))
+    base = _learning_report(["grpo_trl", "hpt_custom"], custom=["style_gate=True"])
+    base["machine"] = {"name": "the stored run"}
+    moved = _learning_report(["hpt_custom"], custom=["beta=0.05"], warm=0.35)
+    moved["machine"] = {"name": "a newer transformers"}
+    for report in (base, moved):
+        report["aggregate"] = report["aggregate_validation"] = {
+            m: {"greedy": (0.5, 0.0), "greedy_no_carry": (0.6, 0.0)} for m in ("warm_start", *report["methods"])
+        }
+    for table in (report_module.learning_sweep_table, report_module.learning_tasks_tables):
+        with pytest.raises(
+            ValueError,
+            match="task 'plain', seed 0: the warm start differs between the run of "
+            "the stored run and that of a newer transformers",
+        ):
+            table([base, moved])
+    # Another task may start elsewhere, and seeds one run lacks are not compared.
+    moved["settings"]["demonstration_style"] = "spaced"
+    assert "spaced: greedy" in report_module.learning_sweep_table([base, moved])
+    other_seeds = _learning_report(["hpt_custom"], seeds=(5,), warm=0.35)
+    other_seeds["aggregate_validation"] = base["aggregate_validation"]
+    report_module.learning_sweep_table([base, other_seeds])

@@ -100,6 +100,7 @@ LOGGED = (
     "hpt/replay_drift",
     "hpt/style_gap",
     "hpt/style_scale",
+    "hpt/style_measured",
 )
 
 

@@ -201,11 +201,12 @@ def test_trainer_waits_for_min_prompts_before_the_style_gate_opens(tmp_path, cha
     # Two prompts scored, three needed: still closed, and every prompt keeps its rollouts.
     assert math.isnan(trainer.style_gate.gap) and trainer.style_gate.pooled_count == 2
     assert not first.demonstration.any() and trainer._metrics["train"]["hpt/style_scale"] == [0.0]
+    assert trainer._metrics["train"]["hpt/style_measured"] == [0.0]
     second = hpt_rows(generation_batch(trainer, G))
     gaps = trainer._metrics["train"]["hpt/style_gap"]
     # The first gap is the mean over the four pooled prompts (each batch's logged gap is its own mean of two).
     assert trainer.style_gate.gap == pytest.approx(sum(gaps) / 2, abs=1e-6) and trainer.style_gate.pooled_count == 0
-    assert second.demonstration.sum() == 2
+    assert second.demonstration.sum() == 2 and trainer._metrics["train"]["hpt/style_measured"] == [0.0, 1.0]
     scale = math.exp(min(trainer.style_gate.gap, 0.0) / 100.0)
     torch.testing.assert_close(second.weights[second.demonstration], torch.full((2,), scale))
 

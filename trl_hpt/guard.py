@@ -198,6 +198,11 @@ class StyleGate(_JsonState):
     pooled_count: int = 0
 
     @property
+    def measured(self) -> bool:
+        """Whether the first measurement is taken (until then the factor is `start`)."""
+        return not math.isnan(self.gap)
+
+    @property
     def scale(self) -> float:
         """The factor on the demonstration coefficient (`start` until a gap is measured); `0` (closed) below `floor`."""
         scale = self.start if math.isnan(self.gap) else style_scale(self.gap, self.temperature)

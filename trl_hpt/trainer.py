@@ -363,6 +363,8 @@ class HPTTrainer(GRPOLossMirror, GRPOTrainer):
         scale = self.style_gate.update(float(totals[0]), int(totals[1]))
         metrics = self._metrics["train"]
         metrics["hpt/style_scale"].append(scale)
+        # While the first measurement is pooled the scale is `style_gate_start`, which can equal a measured one.
+        metrics["hpt/style_measured"].append(float(self.style_gate.measured))
         if int(totals[1]):
             metrics["hpt/style_gap"].append(float(totals[0]) / int(totals[1]))
 
