@@ -24,12 +24,14 @@ from trl_hpt.testing import generation_inputs
 
 
 __all__ = [
+    "cpu_generation",
     "cpu_model",
     "generation_inputs",
     "git_commit",
     "machine_info",
     "pass_at_k",
     "read_json",
+    "read_report_argument",
     "settings_overrides",
     "setup_environment",
     "share",
@@ -80,33 +82,33 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
+def _first_cpu() -> dict[str, str]:
+    """The fields of the first CPU in `/proc/cpuinfo` (Linux); empty where there is none."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_generation() -> str | None:
-    """`family F model M` of the first CPU (x86 Linux), or `None`: one model name can cover several generations."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
                 if not line.strip():
                     break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
+        pass
+    return fields
+
+
+def cpu_model(cpu: dict[str, str] | None = None) -> str:
+    """The first CPU's model name (`cpu`: its `/proc/cpuinfo` fields, read here when not given)."""
+    cpu = _first_cpu() if cpu is None else cpu
+    return cpu.get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_generation(cpu: dict[str, str] | None = None) -> str | None:
+    """`family F model M` of the first CPU (x86 Linux), or `None`: one model name can cover several generations."""
+    cpu = _first_cpu() if cpu is None else cpu
+    if "cpu family" not in cpu or "model" not in cpu:
         return None
-    if len(fields) < 2:
-        return None
-    return f"family {fields['cpu family']} model {fields['model']}"
+    return f"family {cpu['cpu family']} model {cpu['model']}"
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -115,11 +117,12 @@ def machine_info(device: str = "cpu") -> dict:
     import transformers
     import trl
 
+    cpu = _first_cpu()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
+        "cpu": cpu_model(cpu),
         # Two CPU generations under one model name round the same training differently (the toy warm start moves).
-        "cpu_generation": cpu_generation(),
+        "cpu_generation": cpu_generation(cpu),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -172,6 +175,12 @@ def write_json(path: str | os.PathLike, payload: dict, indent: int | None = 1) -
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON file written by [`write_json`]."""
     return json.loads(Path(path).read_text())
+
+
+def read_report_argument(item: str) -> tuple[dict, list[str] | None]:
+    """A `--report` argument `JSON[:METHOD,...]`: the report, and the methods to take from it (`None`: all)."""
+    path, _, wanted = item.partition(":")
+    return read_json(path), wanted.split(",") if wanted else None
 
 
 def settings_differences(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:

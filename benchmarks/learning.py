@@ -80,7 +80,7 @@ from benchmarks.common import (  # noqa: E402
     generation_inputs,
     machine_info,
     pass_at_k,
-    read_json,
+    read_report_argument,
     settings_differences,
     settings_overrides,
     setup_environment,
@@ -695,10 +695,7 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     if args.report:
-        parts = []
-        for item in args.report:
-            path, _, wanted = item.partition(":")
-            parts.append((read_json(path), wanted.split(",") if wanted else None))
+        parts = [read_report_argument(item) for item in args.report]
         return write_report(merge_reports(parts), Path(args.out_dir), args.json)
 
     setup_environment(args.threads)

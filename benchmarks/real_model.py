@@ -71,6 +71,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     pass_at_k,
     read_json,
+    read_report_argument,
     same_settings,
     settings_overrides,
     setup_environment,
@@ -666,11 +667,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.report:
-        reports = []
-        for item in args.report:
-            path, _, wanted = item.partition(":")
-            report = read_json(Path(path))
-            reports.append(select_methods(report, wanted.split(",")) if wanted else report)
+        reports = [
+            report if wanted is None else select_methods(report, wanted)
+            for report, wanted in map(read_report_argument, args.report)
+        ]
         return write_report(merge_reports(reports), out_dir)
 
     setup_environment(args.threads)

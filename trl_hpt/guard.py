@@ -205,14 +205,14 @@ class StyleGate(_JsonState):
     @property
     def scale(self) -> float:
         """The factor on the demonstration coefficient (`start` until a gap is measured); `0` (closed) below `floor`."""
-        scale = self.start if math.isnan(self.gap) else style_scale(self.gap, self.temperature)
+        scale = style_scale(self.gap, self.temperature) if self.measured else self.start
         return scale if scale >= self.floor else 0.0
 
     def update(self, gap_sum: float, count: int) -> float:
         """The next smoothed gap from the gaps of `count` solved prompts summed over every process; returns the scale."""
         if not count:
             return self.scale
-        if math.isnan(self.gap):
+        if not self.measured:
             # One solved prompt's gap is too noisy to decide a run on: pool until enough prompts have been scored.
             self.pooled_sum += gap_sum
             self.pooled_count += count
