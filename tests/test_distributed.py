@@ -215,7 +215,10 @@ def test_each_demonstration_is_placed_once_by_the_owner_of_the_last_slot(runs, n
         placed = ranks[0]["steps"][step]["placed"]
         expected = [placed[i // G] and i % G == G - 1 for i in range(len(placed) * G)]
         assert _concat(ranks, step, "demonstration") == expected == reference["demonstration"], step
-        assert _concat(ranks, step, "weight") == reference["weight"], step
+        # Weights the style gate scales come from measured log-probabilities: float-level equal, not bit-equal.
+        torch.testing.assert_close(
+            torch.tensor(_concat(ranks, step, "weight")), torch.tensor(reference["weight"]), msg=str(step)
+        )
         torch.testing.assert_close(
             torch.tensor(_concat(ranks, step, "advantages")), torch.tensor(reference["advantages"]), msg=str(step)
         )
