@@ -369,6 +369,40 @@ def learning_sweep_table(reports: Sequence[dict]) -> str:
     return markdown_table(headers, rows)
 
 
+def learning_frontier_table(reports: Sequence[dict]) -> str:
+    """
+    What each configuration in `reports` (learning reports of one task, with a validation split) learnt against what
+    it kept: validation accuracy on the problems with a carry (the skill the warm start lacks) and on those without
+    (its retention), mean over seeds, ordered by the first. A configuration is on the frontier when no other one is
+    at least as accurate on both kinds and more accurate on one; the last column names, for each other one, a
+    configuration that dominates it.
+    """
+    check_warm_starts(reports)
+    styles = sorted({report["settings"].get("demonstration_style", "plain") for report in reports})
+    if len(styles) != 1:
+        raise ValueError(f"a frontier compares configurations of one task, got the tasks {styles}")
+    points: dict[str, tuple[float, float, float]] = {}
+    for report in reports:
+        if "aggregate_validation" not in report:
+            raise ValueError("a frontier needs learning reports with a validation split (validation > 0)")
+        for method, values in report["aggregate_validation"].items():
+            label = "warm start" if method == "warm_start" else learning_config_label(report["settings"], method)
+            points.setdefault(label, (values["greedy_carry"][0], values["greedy_no_carry"][0], values["greedy"][0]))
+
+    def dominates(a, b):
+        return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+
+    rows = []
+    for label, point in sorted(points.items(), key=lambda item: (item[1][0], item[1][1])):
+        better = [other for other, p in points.items() if dominates(p, point)]
+        # The dominating configuration that learnt the least: the nearest evidence that this one is not needed.
+        witness = min(better, key=lambda other: points[other][0]) if better else ""
+        cells = [f"{100 * v:.1f}" for v in point]
+        rows.append([label, *cells, "yes" if not better else "", witness])
+    headers = ["configuration", "with a carry", "without (retention)", "all", "frontier", "dominated by"]
+    return markdown_table(headers, rows, align="lrrrcl")
+
+
 def learning_tasks_tables(reports: Sequence[dict], reference: str = "hpt_custom") -> str:
     """
     Held-out accuracy of every method in `reports` (learning reports, one per task and configuration), one column pair
@@ -1033,18 +1067,33 @@ def main(argv=None) -> str:
         help="learning reports with a validation split: one table of every configuration's validation accuracy",
     )
     parser.add_argument(
+        "--frontier",
+        action="store_true",
+        help="learning reports of one task with a validation split: every configuration's accuracy with and without "
+        "a carry, and which configurations no other one beats on both",
+    )
+    parser.add_argument(
         "--tasks",
         action="store_true",
         help="learning reports of several tasks: one table of every method's held-out accuracy, and each report's "
         "hpt_custom minus its other methods, paired by seed",
     )
     args = parser.parse_args(argv)
-    if args.sweep and args.tasks:
-        parser.error("--sweep or --tasks, not both")
-    if args.sweep or args.tasks:
-        tables = learning_tasks_tables if args.tasks else learning_sweep_table
+    tables = {
+        flag: function
+        for flag, function in (
+            ("--sweep", learning_sweep_table),
+            ("--tasks", learning_tasks_tables),
+            ("--frontier", learning_frontier_table),
+        )
+        if getattr(args, flag[2:])
+    }
+    if len(tables) > 1:
+        parser.error(f"one of {', '.join(tables)}, not several")
+    if tables:
+        (table_of,) = tables.values()
         try:
-            text = tables([json.loads(path.read_text()) for path in args.json]) + "\n"
+            text = table_of([json.loads(path.read_text()) for path in args.json]) + "\n"
         except ValueError as error:
             parser.error(str(error))
         if args.markdown is not None:
@@ -1053,7 +1102,7 @@ def main(argv=None) -> str:
             sys.stdout.write(text)
         return text
     if len(args.json) > 1:
-        parser.error("one report at a time (several only with --sweep or --tasks)")
+        parser.error("one report at a time (several only with --sweep, --tasks or --frontier)")
     args.json = args.json[0]
     report = json.loads(args.json.read_text())
     try:

@@ -459,3 +459,40 @@ def test_learning_tables_refuse_runs_that_started_from_other_weights(monkeypatch
     other_seeds = _learning_report(["hpt_custom"], seeds=(5,), warm=0.35)
     other_seeds["aggregate_validation"] = base["aggregate_validation"]
     report_module.learning_sweep_table([base, other_seeds])
+
+
+def test_learning_frontier_names_what_dominates_each_configuration():
+    import benchmarks.report as report_module
+
+    def sweep(points, custom=(), style="plain"):
+        report = _learning_report([m for m in points if m != "warm_start"], custom=custom)
+        report["settings"]["demonstration_style"] = style
+        report["aggregate_validation"] = {
+            m: {"greedy": ((c + n) / 2, 0.0), "greedy_carry": (c, 0.0), "greedy_no_carry": (n, 0.0)}
+            for m, (c, n) in points.items()
+        }
+        return report
+
+    base = sweep({"warm_start": (0.0, 0.8), "sft_trl": (0.6, 0.9), "grpo_trl": (0.0, 0.94), "luffy": (0.1, 0.9)})
+    new = sweep({"hpt_custom": (0.5, 0.88)}, custom=["style_gate=True"])
+    text = report_module.learning_frontier_table([base, new])
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()[2:]}
+    # Ordered by accuracy with a carry; the frontier is SFT and GRPO, and each other row names one that beats it.
+    assert list(rows) == [
+        "warm start",
+        "GRPO (TRL `GRPOTrainer`)",
+        "LUFFY (`soft`, `luffy`)",
+        "HPT, `style_gate=True`",
+        "SFT (TRL `SFTTrainer`)",
+    ]
+    assert rows["SFT (TRL `SFTTrainer`)"].endswith("| 60.0 | 90.0 | 75.0 | yes |  |")
+    assert rows["GRPO (TRL `GRPOTrainer`)"].endswith("| yes |  |")
+    assert rows["HPT, `style_gate=True`"].endswith("|  | SFT (TRL `SFTTrainer`) |")
+    # LUFFY is dominated by SFT (more of both) and not by GRPO (less carry): the witness is the one that learnt least.
+    assert rows["LUFFY (`soft`, `luffy`)"].endswith("|  | SFT (TRL `SFTTrainer`) |")
+    assert rows["warm start"].endswith("|  | GRPO (TRL `GRPOTrainer`) |")
+    with pytest.raises(ValueError, match="one task"):
+        report_module.learning_frontier_table([base, sweep({"grpo_trl": (0.0, 0.9)}, style="spaced")])
+    del new["aggregate_validation"]
+    with pytest.raises(ValueError, match="validation split"):
+        report_module.learning_frontier_table([base, new])
