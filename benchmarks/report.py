@@ -55,6 +55,7 @@ BENCHMARKS = ("speed", "learning", "real_model")
 LEARNING_METHODS = {
     "sft": 'SFT (`feedback="sft"`)',
     "sft_trl": "SFT (TRL `SFTTrainer`)",
+    "sft_trl_grpo_order": "SFT (TRL `SFTTrainer`, GRPOTrainer's prompt order)",
     "grpo": 'GRPO (`feedback="rl"`)',
     "grpo_trl": "GRPO (TRL `GRPOTrainer`)",
     "sft_grpo": "SFT -> GRPO",

@@ -496,3 +496,35 @@ def test_learning_frontier_names_what_dominates_each_configuration():
     del new["aggregate_validation"]
     with pytest.raises(ValueError, match="validation split"):
         report_module.learning_frontier_table([base, new])
+
+
+def test_sft_trainer_in_grpo_order_is_hpt_sft_step_for_step():
+    """`sft_trl_grpo_order` draws the prompts as GRPOTrainer does: TRL's SFTTrainer then trains exactly as
+    `HPTTrainer(feedback="sft")`, so the two pair prompt for prompt, epoch boundaries included."""
+    import copy
+    import dataclasses
+
+    import torch
+    from datasets import Dataset
+
+    import benchmarks.learning as learning
+    from benchmarks.common import setup_environment
+    from trl_hpt.testing import build_char_tokenizer, build_tiny_model
+
+    setup_environment(1)
+    settings = dataclasses.replace(learning.LearningSettings.quick(), steps=6, warmup_steps=20)
+    tokenizer = build_char_tokenizer(chat_template=False)
+    split = learning.task_split(settings.max_operand, settings.held_out, validation=settings.validation)
+    dataset = Dataset.from_list(learning.task_rows(split["train"], settings.max_operand))
+    model = build_tiny_model(tokenizer, settings.hidden_size, settings.num_layers, seed=3)
+    learning.warm_start(model, tokenizer, learning.warm_start_problems(split, settings), settings, seed=3)
+    start = copy.deepcopy(model.state_dict())
+    trained = {}
+    for method in ("sft", "sft_trl_grpo_order"):
+        model.load_state_dict(start)
+        learning.run_method(method, model, tokenizer, dataset, split["held_out"], settings, seed=3)
+        trained[method] = copy.deepcopy(model.state_dict())
+    moved = max((trained["sft"][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3, "the runs must move the weights"
+    for name, value in trained["sft"].items():
+        torch.testing.assert_close(trained["sft_trl_grpo_order"][name], value, atol=1e-6, rtol=1e-5, msg=name)
