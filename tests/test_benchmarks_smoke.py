@@ -461,7 +461,7 @@ def test_learning_tables_refuse_runs_that_started_from_other_weights(monkeypatch
     report_module.learning_sweep_table([base, other_seeds])
 
 
-def test_learning_frontier_names_what_dominates_each_configuration():
+def test_learning_frontier_names_what_dominates_each_configuration(tmp_path):
     import benchmarks.report as report_module
 
     def sweep(points, custom=(), style="plain"):
@@ -493,6 +493,13 @@ def test_learning_frontier_names_what_dominates_each_configuration():
     assert rows["warm start"].endswith("|  | GRPO (TRL `GRPOTrainer`) |")
     with pytest.raises(ValueError, match="one task"):
         report_module.learning_frontier_table([base, sweep({"grpo_trl": (0.0, 0.9)}, style="spaced")])
+    # The command line: one table flag at a time, the table on stdout.
+    paths = [tmp_path / "base.json", tmp_path / "new.json"]
+    for path, report in zip(paths, (base, new)):
+        path.write_text(json.dumps(report))
+    assert report_module.main(["--frontier", *map(str, paths)]) == text + "\n"
+    with pytest.raises(SystemExit):
+        report_module.main(["--frontier", "--sweep", *map(str, paths)])
     del new["aggregate_validation"]
     with pytest.raises(ValueError, match="validation split"):
         report_module.learning_frontier_table([base, new])
