@@ -304,7 +304,10 @@ def custom_label(settings: dict) -> str:
 
 
 def learning_config_label(settings: dict, method: str) -> str:
-    """A learning method's label with the settings that parametrise it (`custom_fields`, `kl_beta`, the SFT share)."""
+    """A learning method's label with the settings that parametrise it (`custom_fields`, `kl_beta`, the SFT share);
+    `warm_start`, the aggregates' row of the starting weights, is "warm start"."""
+    if method == "warm_start":
+        return "warm start"
     if method == "hpt_custom":
         return custom_label(settings)
     if method == "hpt_kl":
@@ -350,7 +353,7 @@ def learning_sweep_table(reports: Sequence[dict]) -> str:
         if style not in styles:
             styles.append(style)
         for method, values in report["aggregate_validation"].items():
-            label = "warm start" if method == "warm_start" else learning_config_label(settings, method)
+            label = learning_config_label(settings, method)
             table.setdefault(label, {})[style] = (values["greedy"][0], values["greedy_no_carry"][0])
     headers = ["configuration"]
     for style in styles:
@@ -387,7 +390,7 @@ def learning_frontier_table(reports: Sequence[dict]) -> str:
         if "aggregate_validation" not in report:
             raise ValueError("a frontier needs learning reports with a validation split (validation > 0)")
         for method, values in report["aggregate_validation"].items():
-            label = "warm start" if method == "warm_start" else learning_config_label(report["settings"], method)
+            label = learning_config_label(report["settings"], method)
             points.setdefault(label, (values["greedy_carry"][0], values["greedy_no_carry"][0], values["greedy"][0]))
 
     def dominates(a, b):
@@ -418,7 +421,7 @@ def learning_tasks_tables(reports: Sequence[dict], reference: str = "hpt_custom"
         if style not in styles:
             styles.append(style)
         for method, values in report["aggregate"].items():
-            label = "warm start" if method == "warm_start" else learning_config_label(settings, method)
+            label = learning_config_label(settings, method)
             table.setdefault(label, {}).setdefault(style, (values["greedy"], values["greedy_no_carry"]))
         if reference in report["methods"]:
             results, methods = report["results"], report["methods"]
